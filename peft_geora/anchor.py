@@ -1,0 +1,94 @@
+"""The anchored factor modules that stand in for LoRA's ``lora_A`` / ``lora_B`` linears.
+
+GeoRA keeps the base weight ``W`` untouched and subtracts the frozen initial product instead:
+``h = W x + s (B A x - B0 A0 x)``. Putting the anchor inside the two factor modules makes every PEFT LoRA layer
+type compute that, since they all evaluate ``lora_B(lora_A(dropout(x))) * scaling``:
+
+* :class:`AnchoredA` maps ``x`` to ``[A x ; A0 x]`` (last dim ``2r``); its effective ``weight`` is ``[A; A0]``.
+* :class:`AnchoredB` maps ``[h ; h0]`` to ``B h - B0 h0``; its effective ``weight`` is ``[B, -B0]``.
+
+So ``lora_B.weight @ lora_A.weight == B A - B0 A0``: the adapter *is* a rank-2r LoRA on the original ``W``, which is
+how it is exported. The two halves are computed by separate, identically shaped matmuls, so at initialisation
+(``A == A0``, ``B == B0``) the difference is exactly zero in any dtype. ``A`` and ``B`` are trainable parameters
+(``factor``); ``A0`` and ``B0`` are persistent buffers (``anchor``), saved with the adapter and never trained.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Anchored(nn.Module):
+    """A trainable ``factor`` and a frozen ``anchor`` of the same shape."""
+
+    def __init__(self, factor: torch.Tensor, anchor: torch.Tensor) -> None:
+        super().__init__()
+        if factor.shape != anchor.shape:
+            raise ValueError(f"factor {tuple(factor.shape)} and anchor {tuple(anchor.shape)} must have one shape")
+        self.factor = nn.Parameter(factor)
+        self.register_buffer("anchor", anchor, persistent=True)
+
+    def anchor_like_factor(self) -> torch.Tensor:
+        """The anchor in the factor's dtype (PEFT may upcast parameters but not buffers)."""
+        return self.anchor.to(self.factor.dtype)
+
+
+class AnchoredA(_Anchored):
+    """``lora_A`` of GeoRA: ``x -> [A x ; A0 x]``, with ``A`` and ``A0`` of shape (r x in)."""
+
+    @property
+    def rank(self) -> int:
+        return self.factor.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.factor.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return 2 * self.rank
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Effective rank-2r LoRA A: ``[A; A0]`` (2r x in)."""
+        return torch.cat([self.factor, self.anchor_like_factor()], dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(x, self.factor), F.linear(x, self.anchor_like_factor())], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, rank={self.rank} (+{self.rank} anchored)"
+
+
+class AnchoredB(_Anchored):
+    """``lora_B`` of GeoRA: ``[h ; h0] -> B h - B0 h0``, with ``B`` and ``B0`` of shape (out x r)."""
+
+    @property
+    def rank(self) -> int:
+        return self.factor.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return 2 * self.rank
+
+    @property
+    def out_features(self) -> int:
+        return self.factor.shape[0]
+
+    @property
+    def bias(self) -> None:
+        return None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Effective rank-2r LoRA B: ``[B, -B0]`` (out x 2r)."""
+        return torch.cat([self.factor, -self.anchor_like_factor()], dim=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h_train, h_anchor = h.chunk(2, dim=-1)
+        return F.linear(h_train, self.factor) - F.linear(h_anchor, self.anchor_like_factor())
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank} (+{self.rank} anchored), out_features={self.out_features}"

@@ -1,0 +1,147 @@
+"""``GeoRAConfig``: a ``LoraConfig`` with the GeoRA initialisation settings, paper defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft import LoraConfig
+
+from .registry import geora_peft_type
+
+from .functional import COMPONENTS, PRIORS, SOLVERS
+
+# LoRA options that change what the adapter computes or how it is initialised: GeoRA defines both, so these are
+# refused rather than silently ignored. Maps field -> the value that means "off".
+_REFUSED_LORA_OPTIONS: dict[str, object] = {
+    "use_dora": False,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "target_parameters": None,
+    "lora_bias": False,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "alora_invocation_tokens": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "kasa_config": None,
+    "megatron_config": None,
+    "layer_replication": None,
+}
+
+
+@dataclass
+class GeoRAConfig(LoraConfig):
+    """Configuration of a GeoRA adapter (Geometry-Aware Low-Rank Adaptation, arXiv 2601.09361).
+
+    GeoRA initialises LoRA factors from the top-r SVD of ``W * (M_spec | M_euc)`` (the weight restricted to its
+    low-magnitude entries and to the entries its principal reconstruction leaves small) and subtracts the frozen
+    initial product in the forward, so the model is unchanged at initialisation and ``W`` is never modified.
+
+    All :class:`peft.LoraConfig` options that only choose *where* adapters go (``target_modules``,
+    ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ``layers_to_transform``, ``use_rslora``,
+    ``lora_dropout``, ``modules_to_save`` ...) work as in LoRA. Options that define another adapter or another
+    initialisation (DoRA, LoftQ, EVA, CorDA, ``init_lora_weights``, ...) raise a ``ValueError``.
+    """
+
+    r: int = field(default=16, metadata={"help": "Adapter rank (paper default 16)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; scaling is alpha / r (paper default 32)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear",
+        metadata={
+            "help": "Modules to adapt. Default 'all-linear': every linear projection except the output head, as in "
+            "the paper (q, k, v, o, gate, up, down for Llama-style decoders)."
+        },
+    )
+    rho: float = field(
+        default=0.2,
+        metadata={"help": "Quantile in (0, 1) for both priors: each mask keeps the rho share of smallest entries."},
+    )
+    spectral_rank: Optional[int] = field(
+        default=None,
+        metadata={"help": "Rank of the reconstruction that defines the spectral prior. Default: the adapter rank r."},
+    )
+    priors: Literal["union", "spectral", "euclidean", "none"] = field(
+        default="union",
+        metadata={
+            "help": "Which entries of W are decomposed: 'union' (GeoRA), 'spectral' or 'euclidean' (one prior only, "
+            "the paper's ablations), 'none' (all of W: PiSSA's head, or MiLoRA's tail with components='tail')."
+        },
+    )
+    components: Literal["head", "tail"] = field(
+        default="head",
+        metadata={"help": "Take the largest ('head', GeoRA/PiSSA) or smallest ('tail', MiLoRA) singular triplets."},
+    )
+    scale_convention: Literal["paper", "pissa"] = field(
+        default="paper",
+        metadata={
+            "help": "'paper': A0 = sqrt(S) V^T, B0 = U sqrt(S). 'pissa': sqrt(S / scaling) as in PEFT's PiSSA. Both "
+            "leave the model unchanged at init; they differ in the size of A, B and so in the effective step size."
+        },
+    )
+    svd_solver: Literal["auto", "exact", "randomized"] = field(
+        default="auto",
+        metadata={
+            "help": "'exact' (LAPACK SVD), 'randomized' (seeded range finder with power iterations) or 'auto' "
+            "(exact for small matrices and for tail components, randomized otherwise)."
+        },
+    )
+    svd_niter: int = field(default=4, metadata={"help": "Power iterations of the randomized solver."})
+    svd_oversample: int = field(default=16, metadata={"help": "Extra sketch columns of the randomized solver."})
+    svd_seed: int = field(default=0, metadata={"help": "Seed of the randomized solver (init is reproducible)."})
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: GeoRA initialisation. False: random, non-identity factors and anchors, no SVD (PEFT's "
+            "testing convention)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_geora_fields()
+        super().__post_init__()
+        self.peft_type = geora_peft_type()
+
+    def _validate_geora_fields(self) -> None:
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not 0.0 < self.rho < 1.0:
+            raise ValueError(f"GeoRAConfig: rho must lie in the open interval (0, 1), got {self.rho!r}")
+        if self.spectral_rank is not None and (not isinstance(self.spectral_rank, int) or self.spectral_rank < 1):
+            raise ValueError(f"GeoRAConfig: spectral_rank must be a positive int or None, got {self.spectral_rank!r}")
+        choices = {"priors": PRIORS, "components": COMPONENTS, "svd_solver": SOLVERS}
+        choices["scale_convention"] = ("paper", "pissa")
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GeoRAConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.svd_solver == "randomized" and self.components == "tail":
+            raise ValueError(
+                "GeoRAConfig: components='tail' needs svd_solver='exact' or 'auto' (a randomized solver finds leading "
+                "components only), got svd_solver='randomized'"
+            )
+        for name in ("svd_niter", "svd_oversample"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"GeoRAConfig: {name} must be a non-negative int, got {value!r}")
+        if self.init_lora_weights is not True:
+            raise ValueError(
+                "GeoRAConfig: init_lora_weights is LoRA's initialisation switch and must stay True; GeoRA's own "
+                f"initialisation is chosen with init_weights (and priors/components), got {self.init_lora_weights!r}"
+            )
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"GeoRAConfig: init_weights must be True or False, got {self.init_weights!r}")
+        for name, off in _REFUSED_LORA_OPTIONS.items():
+            value = getattr(self, name, off)
+            if value != off and not (off is None and value in ({}, [])):
+                raise ValueError(
+                    f"GeoRAConfig: the LoRA option {name}={value!r} is not supported by GeoRA (it defines another "
+                    "adapter or initialisation); leave it unset"
+                )
+
+    @property
+    def init_settings(self) -> dict:
+        """The fields that determine the initial factors of a layer (same settings => same decomposition)."""
+        names = ("rho", "spectral_rank", "priors", "components", "scale_convention", "svd_solver", "svd_niter")
+        names += ("svd_oversample", "svd_seed", "init_weights", "fan_in_fan_out")
+        return {name: getattr(self, name) for name in names}

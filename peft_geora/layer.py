@@ -1,0 +1,177 @@
+"""GeoRA layers: PEFT's LoRA layers whose ``lora_A`` / ``lora_B`` are anchored and GeoRA-initialised.
+
+Forward, merge and unmerge are PEFT's own; the anchor inside the factor modules (see :mod:`peft_geora.anchor`)
+makes them compute ``W x + s (B A x - B0 A0 x)``. This module adds what differs from LoRA: validating the target,
+computing (or reusing) the decomposition, and an exact ``get_delta_weight``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import Linear as LoraLinear
+from peft.utils.integrations import gather_params_ctx
+from peft.utils.other import transpose
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .anchor import AnchoredA, AnchoredB
+from .config import GeoRAConfig
+from .functional import geora_decompose
+
+logger = logging.getLogger(__name__)
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def is_quantized_layer(layer: nn.Module) -> bool:
+    """True for layers whose weight is stored quantized (bitsandbytes, GPTQ, AWQ, HQQ, torchao, ...)."""
+    weight = getattr(layer, "weight", None)
+    if type(layer).__module__.split(".")[0] in {"bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "optimum"}:
+        return True
+    if weight is not None and (hasattr(weight, "quant_state") or hasattr(weight, "SCB")):
+        return True
+    return weight is not None and not weight.is_floating_point()
+
+
+def check_target(layer: nn.Module, name: str, r: int) -> None:
+    """Raise a clear error if GeoRA cannot be applied to ``layer`` (called before anything is modified)."""
+    if is_quantized_layer(layer):
+        raise TypeError(
+            f"GeoRA: target module '{name}' is a quantized layer ({type(layer).__module__}.{type(layer).__name__}); "
+            "quantized base layers are not supported yet. Load the model in float32/bfloat16/float16."
+        )
+    if not isinstance(layer, (nn.Linear, Conv1D)):
+        raise TypeError(
+            f"GeoRA: target module '{name}' is a {type(layer).__name__}; only float nn.Linear and transformers "
+            "Conv1D layers can be targeted. Adjust target_modules / exclude_modules."
+        )
+    weight = layer.weight
+    if weight.device.type != "meta":
+        out_features, in_features = weight.shape if isinstance(layer, nn.Linear) else weight.shape[::-1]
+        if r > min(out_features, in_features):
+            raise ValueError(
+                f"GeoRA: rank r={r} is larger than min(out, in)={min(out_features, in_features)} of target module "
+                f"'{name}' (shape {out_features} x {in_features}). Lower r or use rank_pattern."
+            )
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"GeoRA: the weight of target module '{name}' contains NaN or Inf values")
+
+
+class GeoRALayer:
+    """Mixin for a PEFT LoRA layer class: GeoRA initialisation on ``update_layer``, exact ``get_delta_weight``.
+
+    ``geora_reports[adapter]`` holds what the initialisation measured for this layer (mask coverage, overlap,
+    captured energy, seconds); ``geora_settings[adapter]`` the settings the anchors were computed with.
+    """
+
+    other_param_names = LoraLayer.other_param_names + ("geora_settings", "geora_reports")
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: GeoRAConfig, **kwargs: Any) -> None:
+        check_target(self.get_base_layer(), kwargs.get("target_name") or type(self).__name__, r)
+        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+        for attr in ("geora_settings", "geora_reports"):
+            if attr not in self.__dict__:
+                setattr(self, attr, {})
+        self._install_anchors(adapter_name, config)
+
+    def _settings_key(self, adapter_name: str, config: GeoRAConfig) -> tuple:
+        settings = dict(config.init_settings, r=self.r[adapter_name])
+        if config.scale_convention == "pissa":
+            settings["scaling"] = self.scaling[adapter_name]
+        return tuple(sorted(settings.items()))
+
+    def _install_anchors(self, adapter_name: str, config: GeoRAConfig) -> None:
+        r = self.r[adapter_name]
+        placeholder = self.lora_A[adapter_name].weight
+        base_weight = self.get_base_layer().weight
+        key = self._settings_key(adapter_name, config)
+        report: dict[str, float] = {}
+        if placeholder.device.type == "meta" or base_weight.device.type == "meta":
+            # low_cpu_mem_usage / loading: the values come from the checkpoint, never decompose a meta tensor
+            a0 = torch.empty(r, self.in_features, device="meta")
+            b0 = torch.empty(self.out_features, r, device="meta")
+            a, b = a0, b0
+        elif not config.init_weights:
+            a = placeholder.detach().float().clone()
+            b = torch.randn(self.out_features, r) / math.sqrt(r)
+            a0, b0 = torch.randn_like(a) / math.sqrt(self.in_features), torch.randn_like(b) / math.sqrt(r)
+        else:
+            a0, b0, report = self._decomposition(adapter_name, config, key)
+            a, b = a0.clone(), b0.clone()
+        self.lora_A[adapter_name] = AnchoredA(a, a0)
+        self.lora_B[adapter_name] = AnchoredB(b, b0)
+        self.geora_settings[adapter_name] = key
+        self.geora_reports[adapter_name] = report
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _decomposition(
+        self, adapter_name: str, config: GeoRAConfig, key: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Anchors for ``adapter_name``: reused from an adapter with the same settings, else computed."""
+        for other, other_key in self.geora_settings.items():
+            if other != adapter_name and other_key == key and isinstance(self.lora_A.get(other), AnchoredA):
+                logger.debug("reusing the GeoRA decomposition of adapter '%s' for '%s'", other, adapter_name)
+                report = dict(self.geora_reports.get(other, {}), seconds=0.0, reused=1.0)
+                return self.lora_A[other].anchor.clone(), self.lora_B[other].anchor.clone(), report
+        start = time.perf_counter()
+        weight = self.get_base_layer().weight
+        with gather_params_ctx(weight):
+            matrix = transpose(weight.detach(), self.fan_in_fan_out)
+            divisor = self.scaling[adapter_name] if config.scale_convention == "pissa" else 1.0
+            dec = geora_decompose(
+                matrix,
+                self.r[adapter_name],
+                rho=config.rho,
+                spectral_rank=config.spectral_rank,
+                priors=config.priors,
+                components=config.components,
+                scale_divisor=divisor,
+                solver=config.svd_solver,
+                niter=config.svd_niter,
+                oversample=config.svd_oversample,
+                seed=config.svd_seed,
+            )
+        spectral, euclidean = dec.masks
+        n = spectral.numel()
+        overlap = int((spectral & euclidean).sum())
+        union = int((spectral | euclidean).sum())
+        report = {
+            "spectral_coverage": int(spectral.sum()) / n,
+            "euclidean_coverage": int(euclidean.sum()) / n,
+            "union_coverage": union / n,
+            "overlap": overlap / n,
+            "jaccard": overlap / union,
+            "masked_energy": dec.masked_energy / dec.weight_energy,
+            "captured_energy": float(dec.singular_values.square().sum()) / dec.masked_energy,
+            "seconds": time.perf_counter() - start,
+            "reused": 0.0,
+        }
+        return dec.factors.A.cpu(), dec.factors.B.cpu(), report
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``s (B A - B0 A0)`` as two products, so it is exactly zero at initialisation."""
+        lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
+        if not isinstance(lora_A, AnchoredA):
+            return super().get_delta_weight(adapter)
+        dtype = lora_B.factor.dtype
+        cast_to_fp32 = lora_B.factor.device.type == "cpu" and dtype in _HALF
+        a, a0 = lora_A.factor, lora_A.anchor_like_factor()
+        b, b0 = lora_B.factor, lora_B.anchor_like_factor()
+        if cast_to_fp32:
+            a, a0, b, b0 = a.float(), a0.float(), b.float(), b0.float()
+        delta = transpose(b @ a - b0 @ a0, self.fan_in_fan_out) * self.scaling[adapter]
+        return delta.to(dtype) if cast_to_fp32 else delta
+
+    def __repr__(self) -> str:
+        return "geora." + nn.Module.__repr__(self)
+
+
+class GeoRALinear(GeoRALayer, LoraLinear):
+    """GeoRA on a float ``nn.Linear`` or transformers ``Conv1D`` (``fan_in_fan_out``)."""

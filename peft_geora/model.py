@@ -1,0 +1,74 @@
+"""``GeoRAModel``: PEFT's LoRA tuner with GeoRA layers, all-or-nothing injection and an init report."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import _get_submodules
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import GeoRAConfig
+from .layer import GeoRALayer, GeoRALinear, check_target
+
+logger = logging.getLogger(__name__)
+
+
+class GeoRAModel(LoraModel):
+    """Creates a GeoRA model from a transformers (or any torch) model; use it through ``get_peft_model``.
+
+    Target matching, ``rank_pattern``/``alpha_pattern``, dtype handling, merging, unloading and saving are LoRA's.
+    Injection is atomic: if any target fails (bad layer type, rank too large, NaN weights ...) every module touched
+    by this adapter is restored and the error is re-raised.
+    """
+
+    prefix: str = "lora_"
+    tuner_layer_cls = LoraLayer
+
+    def _check_new_adapter_config(self, config: GeoRAConfig) -> None:
+        if not isinstance(config, GeoRAConfig):
+            raise TypeError(f"GeoRAModel needs a GeoRAConfig, got {type(config).__name__}")
+        super()._check_new_adapter_config(config)
+
+    @staticmethod
+    def _create_new_module(config: GeoRAConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        name = kwargs.get("target_name") or type(base).__name__
+        check_target(base, name, kwargs["r"])
+        kwargs.pop("parameter_name", None)
+        if isinstance(base, Conv1D):
+            config.fan_in_fan_out = True
+            return GeoRALinear(target, adapter_name, config=config, is_target_conv_1d_layer=True, **kwargs)
+        config.fan_in_fan_out = False
+        return GeoRALinear(target, adapter_name, config=config, **kwargs)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:
+            _remove_adapter_from_modules(model, adapter_name)
+            raise
+
+    def geora_init_report(self, adapter_name: str = "default") -> dict[str, dict[str, float]]:
+        """Per-module statistics of the initialisation of ``adapter_name`` (empty for loaded adapters)."""
+        return {
+            name: dict(module.geora_reports[adapter_name])
+            for name, module in self.model.named_modules()
+            if isinstance(module, GeoRALayer) and module.geora_reports.get(adapter_name)
+        }
+
+
+def _remove_adapter_from_modules(model: nn.Module, adapter_name: str) -> None:
+    """Undo a partial injection: drop ``adapter_name`` everywhere, unwrap layers that held nothing else."""
+    for key in [k for k, m in model.named_modules() if isinstance(m, LoraLayer)]:
+        parent, layer, target_name = _get_submodules(model, key)
+        if adapter_name not in layer.r:
+            continue
+        if set(layer.r) == {adapter_name}:
+            setattr(parent, target_name, layer.get_base_layer())
+        else:
+            layer.delete_adapter(adapter_name)
+    logger.debug("rolled back the partial injection of adapter '%s'", adapter_name)
