@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft import LoraConfig
 
-from .registry import geora_peft_type
-
 from .functional import COMPONENTS, PRIORS, SOLVERS
+from .registry import geora_peft_type
 
 # LoRA options that change what the adapter computes or how it is initialised: GeoRA defines both, so these are
 # refused rather than silently ignored. Maps field -> the value that means "off".
@@ -49,7 +48,7 @@ class GeoRAConfig(LoraConfig):
 
     r: int = field(default=16, metadata={"help": "Adapter rank (paper default 16)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; scaling is alpha / r (paper default 32)."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default="all-linear",
         metadata={
             "help": "Modules to adapt. Default 'all-linear': every linear projection except the output head, as in "
@@ -60,7 +59,7 @@ class GeoRAConfig(LoraConfig):
         default=0.2,
         metadata={"help": "Quantile in (0, 1) for both priors: each mask keeps the rho share of smallest entries."},
     )
-    spectral_rank: Optional[int] = field(
+    spectral_rank: int | None = field(
         default=None,
         metadata={"help": "Rank of the reconstruction that defines the spectral prior. Default: the adapter rank r."},
     )

@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import gather_params_ctx
 from peft.utils.other import transpose
 from torch import nn

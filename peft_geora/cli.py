@@ -1,0 +1,76 @@
+"""``peft-geora`` command line: one subcommand per job, each implemented in its own function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+logger = logging.getLogger("peft_geora")
+
+
+def _init_report(args: argparse.Namespace) -> int:
+    """Apply GeoRA to a model, print the per-layer-type init report, check the model is unchanged."""
+    import torch
+    from peft import get_peft_model
+
+    from . import GeoRAConfig
+    from .default_model import load_default_model
+    from .report import format_table, summarize
+
+    model, tokenizer = load_default_model(args.model, device=args.device)
+    model.eval()
+    prompt = tokenizer("GeoRA keeps the base model exact at initialisation.", return_tensors="pt").to(args.device)
+    with torch.no_grad():
+        base_logits = model(**prompt).logits
+    config = GeoRAConfig(r=args.r, lora_alpha=2 * args.r, rho=args.rho, svd_solver=args.solver)
+    start = time.perf_counter()
+    peft_model = get_peft_model(model, config)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        logits = peft_model(**prompt).logits
+    per_module = peft_model.base_model.geora_init_report()
+    table = summarize(per_module)
+    print(format_table(table))
+    identical = torch.equal(logits, base_logits)
+    print(
+        f"\n{len(per_module)} modules, r={args.r}, rho={args.rho}, solver={args.solver}: "
+        f"get_peft_model took {seconds:.2f} s; logits identical to the base model: {identical}"
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {"config": config.to_dict(), "seconds": seconds, "summary": table, "modules": per_module},
+                fh,
+                indent=2,
+                default=str,
+            )
+        print(f"wrote {args.json}")
+    return 0 if identical else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-geora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-report", help="GeoRA init report over a model's layers (default: SmolLM2-135M)")
+    p.add_argument("--model", default=None, help="local model folder (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--rho", type=float, default=0.2)
+    p.add_argument("--solver", default="auto", choices=["auto", "exact", "randomized"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.set_defaults(func=_init_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
