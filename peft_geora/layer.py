@@ -116,7 +116,12 @@ class GeoRALayer:
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Anchors for ``adapter_name``: reused from an adapter with the same settings, else computed."""
         for other, other_key in self.geora_settings.items():
-            if other != adapter_name and other_key == key and isinstance(self.lora_A.get(other), AnchoredA):
+            if (
+                other != adapter_name
+                and other_key == key
+                and other in self.lora_A
+                and isinstance(self.lora_A[other], AnchoredA)
+            ):
                 logger.debug("reusing the GeoRA decomposition of adapter '%s' for '%s'", other, adapter_name)
                 report = dict(self.geora_reports.get(other, {}), seconds=0.0, reused=1.0)
                 return self.lora_A[other].anchor.clone(), self.lora_B[other].anchor.clone(), report

@@ -1,0 +1,139 @@
+"""GeoRAConfig defaults and validation; PEFT knows GeoRA after the import, also twice or pre-registered."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+from peft import LoraConfig, PeftConfig, PeftType
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+import peft_geora
+from peft_geora import GeoRAConfig, GeoRAModel
+
+GEORA_FIELDS = {
+    "rho",
+    "spectral_rank",
+    "priors",
+    "components",
+    "scale_convention",
+    "svd_solver",
+    "svd_niter",
+    "svd_oversample",
+    "svd_seed",
+    "init_weights",
+}
+
+
+def test_paper_defaults():
+    config = GeoRAConfig()
+    assert isinstance(config, LoraConfig)
+    assert config.peft_type == PeftType.GEORA
+    assert (config.r, config.lora_alpha, config.rho) == (16, 32, 0.2)
+    assert config.target_modules == "all-linear"
+    assert (config.priors, config.components, config.scale_convention) == ("union", "head", "paper")
+    assert config.spectral_rank is None and config.init_weights is True and config.init_lora_weights is True
+
+
+def test_geora_fields_have_help_metadata():
+    fields = {f.name: f for f in dataclasses.fields(GeoRAConfig)}
+    for name in GEORA_FIELDS:
+        assert fields[name].metadata.get("help"), name
+
+
+def test_peft_mappings_know_geora():
+    assert PeftType("GEORA") is PeftType.GEORA
+    assert "GEORA" in [member.value for member in PeftType]
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.GEORA] is GeoRAConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.GEORA] is GeoRAModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.GEORA] == "lora_"
+
+
+def test_import_twice_is_harmless():
+    # in a fresh interpreter, so that reloaded classes do not leak into the other tests
+    code = (
+        "import importlib, sys\n"
+        "import peft_geora\n"
+        "from peft import PeftType, get_peft_model\n"
+        "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\n"
+        "member = PeftType.GEORA\n"
+        "import peft_geora\n"
+        "for name in ('peft_geora.registry', 'peft_geora'):\n"
+        "    importlib.reload(sys.modules[name])\n"
+        "assert PeftType.GEORA is member and list(PeftType).count(member) == 1\n"
+        "assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is sys.modules['peft_geora'].GeoRAConfig\n"
+        "import torch\n"
+        "config = peft_geora.GeoRAConfig(r=2, target_modules=['0'])\n"
+        "model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), config)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+def test_import_after_peft_already_knows_geora():
+    code = (
+        "from peft.utils import PeftType\n"
+        "import peft.utils.peft_types as pt\n"
+        "from peft_geora.registry import geora_peft_type\n"
+        "member = geora_peft_type()\n"  # as if PEFT itself defined GEORA already
+        "import peft_geora\n"
+        "from peft import get_peft_model\n"
+        "assert PeftType.GEORA is member\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+def test_peft_config_from_pretrained_returns_geora_config(tmp_path):
+    GeoRAConfig(r=8, rho=0.3, priors="spectral").save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert type(loaded) is GeoRAConfig
+    assert (loaded.r, loaded.rho, loaded.priors, loaded.peft_type) == (8, 0.3, "spectral", PeftType.GEORA)
+    assert peft_geora.GeoRAConfig.from_pretrained(tmp_path).rho == 0.3
+
+
+@pytest.mark.parametrize("rho", [0.0, 1.0, -0.2, 1.2, float("nan"), "0.2", True])
+def test_rho_outside_open_interval(rho):
+    with pytest.raises(ValueError, match=r"rho must lie in the open interval \(0, 1\), got"):
+        GeoRAConfig(rho=rho)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"use_dora": True}, "use_dora"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+        ({"init_lora_weights": False}, "init_lora_weights"),
+        ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, "init_lora_weights"),
+        ({"loftq_config": {"loftq_bits": 4}}, "loftq_config"),
+        ({"eva_config": {"rho": 2.0}}, "eva_config"),
+        ({"corda_config": {"corda_method": "kpm"}}, "corda_config"),
+        ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
+        ({"lora_bias": True}, "lora_bias"),
+    ],
+)
+def test_lora_options_that_make_no_sense_are_refused(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        GeoRAConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"priors": "intersection"}, "priors"),
+        ({"components": "middle"}, "components"),
+        ({"scale_convention": "sqrt"}, "scale_convention"),
+        ({"svd_solver": "lanczos"}, "svd_solver"),
+        ({"svd_solver": "randomized", "components": "tail"}, "components='tail'"),
+        ({"spectral_rank": 0}, "spectral_rank"),
+        ({"svd_niter": -1}, "svd_niter"),
+        ({"init_weights": "yes"}, "init_weights"),
+    ],
+)
+def test_bad_geora_fields(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        GeoRAConfig(**kwargs)
