@@ -21,18 +21,49 @@ from torch import nn
 
 
 class _Anchored(nn.Module):
-    """A trainable ``factor`` and a frozen ``anchor`` of the same shape."""
+    """A trainable ``factor`` and a frozen ``anchor`` of the same shape.
 
-    def __init__(self, factor: torch.Tensor, anchor: torch.Tensor) -> None:
+    ``awaiting_checkpoint`` marks NaN placeholders created for an adapter whose values come from a checkpoint (so no
+    decomposition runs on load). Whatever loader fills them (PEFT's ``load_state_dict``, transformers' own loader),
+    the first use notices real values and clears the mark; using unfilled placeholders raises.
+    ``loaded_unchecked`` asks the base-weight fingerprint check (:mod:`peft_geora.fingerprint`) to look at this
+    module once.
+    """
+
+    def __init__(self, factor: torch.Tensor, anchor: torch.Tensor, awaiting_checkpoint: bool = False) -> None:
         super().__init__()
         if factor.shape != anchor.shape:
             raise ValueError(f"factor {tuple(factor.shape)} and anchor {tuple(anchor.shape)} must have one shape")
-        self.factor = nn.Parameter(factor)
-        self.register_buffer("anchor", anchor, persistent=True)
+        # contiguous, like a tensor read from a checkpoint: the matmul kernel (and so the rounding) depends on layout
+        self.factor = nn.Parameter(factor.contiguous())
+        self.register_buffer("anchor", anchor.contiguous(), persistent=True)
+        self.awaiting_checkpoint = awaiting_checkpoint
+        self.loaded_unchecked = False
 
     def anchor_like_factor(self) -> torch.Tensor:
         """The anchor in the factor's dtype (PEFT may upcast parameters but not buffers)."""
         return self.anchor.to(self.factor.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "factor" in state_dict and prefix + "anchor" in state_dict:
+            self.awaiting_checkpoint = False
+            self.loaded_unchecked = True
+
+    def resolve_checkpoint(self) -> bool:
+        """Clear ``awaiting_checkpoint`` if a loader has filled the placeholders; True when ready."""
+        if self.awaiting_checkpoint and self.anchor.device.type != "meta" and not torch.isnan(self.anchor).any():
+            self.awaiting_checkpoint = False
+            self.loaded_unchecked = True
+        return not self.awaiting_checkpoint
+
+    def check_ready(self) -> None:
+        if self.awaiting_checkpoint and not self.resolve_checkpoint():
+            raise RuntimeError(
+                "GeoRA: this adapter was created from a saved config (init_from_checkpoint=True) to receive its "
+                "factors from a checkpoint, but none were loaded. Load it with PeftModel.from_pretrained / "
+                "load_adapter, or set config.init_from_checkpoint = False to initialise a new adapter."
+            )
 
 
 class AnchoredA(_Anchored):
@@ -56,6 +87,7 @@ class AnchoredA(_Anchored):
         return torch.cat([self.factor, self.anchor_like_factor()], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_ready()
         return torch.cat([F.linear(x, self.factor), F.linear(x, self.anchor_like_factor())], dim=-1)
 
     def extra_repr(self) -> str:

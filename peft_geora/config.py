@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft import LoraConfig
 
 from .functional import COMPONENTS, PRIORS, SOLVERS
 from .registry import geora_peft_type
+
+# Version of the saved adapter format. A checkpoint with a higher version was written by an incompatible newer
+# peft-geora and is refused instead of being loaded half-understood.
+FORMAT_VERSION = 1
 
 # LoRA options that change what the adapter computes or how it is initialised: GeoRA defines both, so these are
 # refused rather than silently ignored. Maps field -> the value that means "off".
@@ -99,10 +105,46 @@ class GeoRAConfig(LoraConfig):
         },
     )
 
+    init_from_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Written as True by save_pretrained: the factors and frozen anchors of this adapter are stored "
+            "in its checkpoint, so loading never runs a decomposition. Set it to False to start a new adapter from "
+            "a saved config."
+        },
+    )
+    base_fingerprints: dict = field(
+        default_factory=dict,
+        repr=False,
+        metadata={
+            "help": "Per target module, a cheap fingerprint of the base weight the adapter was initialised on; "
+            "loading onto a base whose weights differ warns (or raises, see peft_geora.base_check)."
+        },
+    )
+    geora_format_version: int = field(
+        default=FORMAT_VERSION, metadata={"help": "Version of the peft-geora checkpoint format."}
+    )
+
     def __post_init__(self) -> None:
+        if not isinstance(self.geora_format_version, int) or self.geora_format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"GeoRAConfig: this adapter was saved in peft-geora format version {self.geora_format_version!r}, "
+                f"but this peft-geora reads versions <= {FORMAT_VERSION}; upgrade peft-geora to load it"
+            )
         self._validate_geora_fields()
         super().__post_init__()
         self.peft_type = geora_peft_type()
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Save like any PEFT config, marked ``init_from_checkpoint`` (the factors are saved beside it)."""
+        super().save_pretrained(save_directory, **kwargs)
+        path = os.path.join(save_directory, "adapter_config.json")
+        with open(path) as fh:
+            data = json.load(fh)
+        data["init_from_checkpoint"] = True
+        data["geora_format_version"] = FORMAT_VERSION
+        with open(path, "w") as fh:
+            fh.write(json.dumps(data, indent=2, sort_keys=True))
 
     def _validate_geora_fields(self) -> None:
         if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not 0.0 < self.rho < 1.0:

@@ -22,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .anchor import AnchoredA, AnchoredB
 from .config import GeoRAConfig
+from .fingerprint import weight_fingerprint
 from .functional import geora_decompose
 
 logger = logging.getLogger(__name__)
@@ -70,15 +71,16 @@ class GeoRALayer:
     captured energy, seconds); ``geora_settings[adapter]`` the settings the anchors were computed with.
     """
 
-    other_param_names = LoraLayer.other_param_names + ("geora_settings", "geora_reports")
+    other_param_names = LoraLayer.other_param_names + ("geora_settings", "geora_reports", "geora_expected_fingerprint")
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: GeoRAConfig, **kwargs: Any) -> None:
-        check_target(self.get_base_layer(), kwargs.get("target_name") or type(self).__name__, r)
+        target_name = kwargs.get("target_name") or type(self).__name__
+        check_target(self.get_base_layer(), target_name, r)
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
-        for attr in ("geora_settings", "geora_reports"):
+        for attr in ("geora_settings", "geora_reports", "geora_expected_fingerprint"):
             if attr not in self.__dict__:
                 setattr(self, attr, {})
-        self._install_anchors(adapter_name, config)
+        self._install_anchors(adapter_name, config, target_name)
 
     def _settings_key(self, adapter_name: str, config: GeoRAConfig) -> tuple:
         settings = dict(config.init_settings, r=self.r[adapter_name])
@@ -86,45 +88,67 @@ class GeoRALayer:
             settings["scaling"] = self.scaling[adapter_name]
         return tuple(sorted(settings.items()))
 
-    def _install_anchors(self, adapter_name: str, config: GeoRAConfig) -> None:
+    def _install_anchors(self, adapter_name: str, config: GeoRAConfig, target_name: str) -> None:
+        """Replace LoRA's freshly made ``lora_A``/``lora_B`` by anchored modules holding GeoRA's factors.
+
+        Meta-device placeholders (``low_cpu_mem_usage``) and configs read from a checkpoint get placeholders that the
+        checkpoint fills: no decomposition runs when loading.
+        """
         r = self.r[adapter_name]
         placeholder = self.lora_A[adapter_name].weight
         base_weight = self.get_base_layer().weight
         key = self._settings_key(adapter_name, config)
         report: dict[str, float] = {}
+        awaiting = config.init_from_checkpoint
+        expected = config.base_fingerprints.get(target_name)
         if placeholder.device.type == "meta" or base_weight.device.type == "meta":
-            # low_cpu_mem_usage / loading: the values come from the checkpoint, never decompose a meta tensor
             a0 = torch.empty(r, self.in_features, device="meta")
             b0 = torch.empty(self.out_features, r, device="meta")
             a, b = a0, b0
+        elif awaiting and not self._reusable(adapter_name, key):
+            a0 = torch.full((r, self.in_features), float("nan"))
+            b0 = torch.full((self.out_features, r), float("nan"))
+            a, b = a0.clone(), b0.clone()
         elif not config.init_weights:
             a = placeholder.detach().float().clone()
             b = torch.randn(self.out_features, r) / math.sqrt(r)
             a0, b0 = torch.randn_like(a) / math.sqrt(self.in_features), torch.randn_like(b) / math.sqrt(r)
+            awaiting = False
         else:
             a0, b0, report = self._decomposition(adapter_name, config, key)
             a, b = a0.clone(), b0.clone()
-        self.lora_A[adapter_name] = AnchoredA(a, a0)
-        self.lora_B[adapter_name] = AnchoredB(b, b0)
+            awaiting = False
+        if not awaiting and base_weight.device.type != "meta":
+            expected = weight_fingerprint(base_weight)
+            config.base_fingerprints[target_name] = expected
+        self.lora_A[adapter_name] = AnchoredA(a, a0, awaiting_checkpoint=awaiting)
+        self.lora_B[adapter_name] = AnchoredB(b, b0, awaiting_checkpoint=awaiting)
         self.geora_settings[adapter_name] = key
         self.geora_reports[adapter_name] = report
+        self.geora_expected_fingerprint[adapter_name] = expected
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _reusable(self, adapter_name: str, key: tuple) -> str | None:
+        """Name of another adapter of this layer whose anchors were computed with the same settings, if any."""
+        for other, other_key in self.geora_settings.items():
+            if other == adapter_name or other_key != key or other not in self.lora_A:
+                continue
+            module = self.lora_A[other]
+            ready = isinstance(module, AnchoredA) and not module.awaiting_checkpoint
+            if ready and module.anchor.device.type != "meta":
+                return other
+        return None
 
     def _decomposition(
         self, adapter_name: str, config: GeoRAConfig, key: tuple
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Anchors for ``adapter_name``: reused from an adapter with the same settings, else computed."""
-        for other, other_key in self.geora_settings.items():
-            if (
-                other != adapter_name
-                and other_key == key
-                and other in self.lora_A
-                and isinstance(self.lora_A[other], AnchoredA)
-            ):
-                logger.debug("reusing the GeoRA decomposition of adapter '%s' for '%s'", other, adapter_name)
-                report = dict(self.geora_reports.get(other, {}), seconds=0.0, reused=1.0)
-                return self.lora_A[other].anchor.clone(), self.lora_B[other].anchor.clone(), report
+        other = self._reusable(adapter_name, key)
+        if other is not None:
+            logger.debug("reusing the GeoRA decomposition of adapter '%s' for '%s'", other, adapter_name)
+            report = dict(self.geora_reports.get(other, {}), seconds=0.0, reused=1.0)
+            return self.lora_A[other].anchor.clone(), self.lora_B[other].anchor.clone(), report
         start = time.perf_counter()
         weight = self.get_base_layer().weight
         with gather_params_ctx(weight):
@@ -165,6 +189,7 @@ class GeoRALayer:
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
         if not isinstance(lora_A, AnchoredA):
             return super().get_delta_weight(adapter)
+        lora_A.check_ready()
         dtype = lora_B.factor.dtype
         cast_to_fp32 = lora_B.factor.device.type == "cpu" and dtype in _HALF
         a, a0 = lora_A.factor, lora_A.anchor_like_factor()

@@ -12,9 +12,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import GeoRAConfig
+from .fingerprint import ensure_load_hooks
 from .layer import GeoRALayer, GeoRALinear, check_target
 
 logger = logging.getLogger(__name__)
+
+MODEL_TAGS = ("geora", "peft-geora")
 
 
 class GeoRAModel(LoraModel):
@@ -51,6 +54,9 @@ class GeoRAModel(LoraModel):
         except Exception:
             _remove_adapter_from_modules(model, adapter_name)
             raise
+        ensure_load_hooks(model)
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(list(MODEL_TAGS))
 
     def geora_init_report(self, adapter_name: str = "default") -> dict[str, dict[str, float]]:
         """Per-module statistics of the initialisation of ``adapter_name`` (empty for loaded adapters)."""

@@ -1,0 +1,142 @@
+"""Base-weight fingerprints: notice when an adapter is loaded onto a base it was not initialised on.
+
+A GeoRA adapter's anchors are a decomposition of one specific ``W``; on another checkpoint (or revision) the model is
+no longer exact at the adapter's start and its update means something else. Each target's fingerprint (the sums
+of ``|W|`` and ``W^2`` and four fixed entries) is stored in the adapter config at initialisation and compared after
+every load, at the precision of the coarser of the two dtypes (a bf16 copy of the same base passes).
+
+The policy is ``"warn"`` by default; ``"raise"`` or ``"off"`` via :func:`base_check` or ``PEFT_GEORA_BASE_CHECK``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("warn", "raise", "off")
+_policy: list[str] = []
+
+
+class BaseModelMismatchError(ValueError):
+    """Raised (with policy ``"raise"``) when an adapter is loaded onto different base weights."""
+
+
+class BaseModelMismatchWarning(UserWarning):
+    """Warned (default policy) when an adapter is loaded onto different base weights."""
+
+
+def current_policy() -> str:
+    policy = _policy[-1] if _policy else os.environ.get("PEFT_GEORA_BASE_CHECK", "warn")
+    if policy not in POLICIES:
+        raise ValueError(f"PEFT_GEORA_BASE_CHECK must be one of {POLICIES}, got {policy!r}")
+    return policy
+
+
+@contextlib.contextmanager
+def base_check(policy: str) -> Iterator[None]:
+    """Within the block, loading onto a different base ``"warn"``s, ``"raise"``s or is not checked (``"off"``)."""
+    if policy not in POLICIES:
+        raise ValueError(f"base_check policy must be one of {POLICIES}, got {policy!r}")
+    _policy.append(policy)
+    try:
+        yield
+    finally:
+        _policy.pop()
+
+
+def _probe_indices(numel: int) -> list[int]:
+    return [(numel * k) // 5 + (k * 7919) % max(1, numel // 5) for k in range(4)]
+
+
+@torch.no_grad()
+def weight_fingerprint(weight: torch.Tensor) -> dict:
+    """A few numbers that change when the weight does: ``{"dtype": ..., "values": [...]}`` (JSON-serialisable)."""
+    flat = weight.detach().reshape(-1)
+    w64 = flat.to(torch.float64)
+    probes = [float(flat[i]) for i in _probe_indices(flat.numel())]
+    return {
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "values": [float(w64.abs().sum()), float(w64.square().sum()), *probes],
+    }
+
+
+def _eps(dtype_name: str) -> float:
+    dtype = getattr(torch, dtype_name, None)
+    return torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 2.0**-7
+
+
+def fingerprints_match(expected: dict, actual: dict) -> bool:
+    """True if ``actual`` could be ``expected``'s weight, up to rounding to the coarser dtype."""
+    tol = 4 * max(_eps(expected["dtype"]), _eps(actual["dtype"]))
+    pairs = zip(expected["values"], actual["values"])
+    return len(expected["values"]) == len(actual["values"]) and all(
+        abs(a - b) <= tol * max(abs(a), abs(b)) + 1e-30 for a, b in pairs
+    )
+
+
+def check_loaded_adapters(model: nn.Module) -> list[str]:
+    """Compare every freshly loaded GeoRA adapter's fingerprint with its base weight; apply the policy.
+
+    Returns the mismatching ``module (adapter)`` names. Runs as a ``load_state_dict`` post-hook of the model.
+    """
+    from .anchor import AnchoredA
+    from .layer import GeoRALayer
+
+    mismatched = []
+    policy = current_policy()
+    for name, module in model.named_modules():
+        if not isinstance(module, GeoRALayer):
+            continue
+        for adapter, lora_a in module.lora_A.items():
+            if not isinstance(lora_a, AnchoredA):
+                continue
+            lora_a.resolve_checkpoint()
+            if not lora_a.loaded_unchecked:
+                continue
+            lora_a.loaded_unchecked = False
+            expected = module.geora_expected_fingerprint.get(adapter)
+            weight = module.get_base_layer().weight
+            if policy == "off" or not expected or weight.device.type == "meta":
+                continue
+            if not fingerprints_match(expected, weight_fingerprint(weight)):
+                mismatched.append(f"{name} ({adapter})")
+    if mismatched:
+        shown = ", ".join(mismatched[:10]) + (f" and {len(mismatched) - 10} more" if len(mismatched) > 10 else "")
+        message = (
+            f"GeoRA: the base weights of {len(mismatched)} adapted module(s) differ from those the adapter was "
+            f"initialised on: {shown}. Load the adapter onto the base model (and revision) it was trained from."
+        )
+        if policy == "raise":
+            raise BaseModelMismatchError(message)
+        warnings.warn(message, BaseModelMismatchWarning, stacklevel=2)
+    return mismatched
+
+
+def ensure_load_hooks(model: nn.Module) -> None:
+    """Check loads on ``model``: right after PEFT's ``load_state_dict``, and before the next forward for loaders
+    that assign tensors directly (transformers' ``load_adapter``). Called after every injection."""
+    model._geora_check_pending = True
+    if getattr(model, "_geora_hooks", None) is None:
+        model._geora_hooks = (
+            model.register_load_state_dict_post_hook(_post_load_hook),
+            model.register_forward_pre_hook(_pre_forward_hook),
+        )
+
+
+def _post_load_hook(module: nn.Module, incompatible_keys: object) -> None:
+    module._geora_check_pending = False
+    check_loaded_adapters(module)
+
+
+def _pre_forward_hook(module: nn.Module, args: object) -> None:
+    if module._geora_check_pending:
+        module._geora_check_pending = False
+        check_loaded_adapters(module)
