@@ -8,8 +8,11 @@
 from .registry import geora_peft_type, register  # noqa: I001  (the enum member must exist first)
 from .anchor import AnchoredA, AnchoredB
 from .config import GeoRAConfig
+from .export import export_lora, save_as_lora
+from .fingerprint import BaseModelMismatchError, BaseModelMismatchWarning, base_check
 from .functional import geora_decompose, geora_init_factors, geora_masks
 from .layer import GeoRALayer, GeoRALinear
+from .hub import push_to_hub
 from .model import GeoRAModel
 
 geora_peft_type()
@@ -20,11 +23,17 @@ __version__ = "0.1.0"
 __all__ = [
     "AnchoredA",
     "AnchoredB",
+    "BaseModelMismatchError",
+    "BaseModelMismatchWarning",
     "GeoRAConfig",
     "GeoRALayer",
     "GeoRALinear",
     "GeoRAModel",
+    "base_check",
+    "export_lora",
     "geora_decompose",
     "geora_init_factors",
     "geora_masks",
+    "push_to_hub",
+    "save_as_lora",
 ]

@@ -62,7 +62,7 @@ class _Anchored(nn.Module):
             raise RuntimeError(
                 "GeoRA: this adapter was created from a saved config (init_from_checkpoint=True) to receive its "
                 "factors from a checkpoint, but none were loaded. Load it with PeftModel.from_pretrained / "
-                "load_adapter, or set config.init_from_checkpoint = False to initialise a new adapter."
+                "load_adapter, or set config.init_from_checkpoint=False to initialise a new adapter."
             )
 
 

@@ -51,6 +51,15 @@ def _init_report(args: argparse.Namespace) -> int:
     return 0 if identical else 1
 
 
+def _export_lora(args: argparse.Namespace) -> int:
+    """Convert a saved GeoRA adapter folder into a stock rank-2r PEFT LoRA folder."""
+    from .export import export_lora
+
+    dst = export_lora(args.src, args.dst)
+    print(f"wrote a rank-2r LoRA export of {args.src} to {dst}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-geora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.set_defaults(func=_init_report)
+
+    p = sub.add_parser("export-lora", help="write a saved GeoRA adapter as a stock PEFT LoRA (rank 2r)")
+    p.add_argument("src", help="folder of a saved GeoRA adapter (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("dst", help="output folder for the LoRA adapter")
+    p.set_defaults(func=_export_lora)
     return parser
 
 

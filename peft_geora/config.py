@@ -10,6 +10,7 @@ from typing import Any, Literal
 from peft import LoraConfig
 
 from .functional import COMPONENTS, PRIORS, SOLVERS
+from .hub import write_model_card
 from .registry import geora_peft_type
 
 # Version of the saved adapter format. A checkpoint with a higher version was written by an incompatible newer
@@ -135,6 +136,15 @@ class GeoRAConfig(LoraConfig):
         super().__post_init__()
         self.peft_type = geora_peft_type()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load a saved config; for a local folder, remember it so that its weights are checked before loading."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder):
+            config._checkpoint_dir = folder
+        return config
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Save like any PEFT config, marked ``init_from_checkpoint`` (the factors are saved beside it)."""
         super().save_pretrained(save_directory, **kwargs)
@@ -145,6 +155,8 @@ class GeoRAConfig(LoraConfig):
         data["geora_format_version"] = FORMAT_VERSION
         with open(path, "w") as fh:
             fh.write(json.dumps(data, indent=2, sort_keys=True))
+        if os.path.exists(os.path.join(save_directory, "README.md")):  # written by PeftModel.save_pretrained
+            write_model_card(save_directory, self.base_model_name_or_path)
 
     def _validate_geora_fields(self) -> None:
         if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not 0.0 < self.rho < 1.0:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from peft.tuners.lora import LoraLayer, LoraModel
@@ -11,6 +13,7 @@ from peft.utils import _get_submodules
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .checkpoint import validate_checkpoint
 from .config import GeoRAConfig
 from .fingerprint import ensure_load_hooks
 from .layer import GeoRALayer, GeoRALinear, check_target
@@ -49,6 +52,10 @@ class GeoRAModel(LoraModel):
         return GeoRALinear(target, adapter_name, config=config, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        config = self.peft_config[adapter_name]
+        checkpoint_dir = getattr(config, "_checkpoint_dir", None)
+        if config.init_from_checkpoint and checkpoint_dir is not None:
+            validate_checkpoint(checkpoint_dir, model)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
@@ -57,6 +64,22 @@ class GeoRAModel(LoraModel):
         ensure_load_hooks(model)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(list(MODEL_TAGS))
+
+    def save_as_lora(self, dst: str | os.PathLike, adapter_name: str = "default") -> Path:
+        """Write ``adapter_name`` as a stock PEFT LoRA of rank 2r (``B' = [B, -B0]``, ``A' = [A; A0]``) to ``dst``.
+
+        The folder loads with stock PEFT and transformers' ``load_adapter`` without peft-geora.
+        """
+        from peft.utils import get_peft_model_state_dict
+
+        from .export import write_lora_export
+
+        config = self.peft_config[adapter_name]
+        state = get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=False)
+        tensors = {f"base_model.{key}": value.detach().cpu() for key, value in state.items()}
+        config_dict = config.to_dict()
+        config_dict["base_model_name_or_path"] = config.base_model_name_or_path or self.model.name_or_path or None
+        return write_lora_export(config_dict, tensors, dst)
 
     def geora_init_report(self, adapter_name: str = "default") -> dict[str, dict[str, float]]:
         """Per-module statistics of the initialisation of ``adapter_name`` (empty for loaded adapters)."""
