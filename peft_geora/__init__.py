@@ -14,9 +14,11 @@ from .functional import geora_decompose, geora_init_factors, geora_masks
 from .layer import GeoRALayer, GeoRALinear
 from .hub import push_to_hub
 from .model import GeoRAModel
+from . import trl_support
 
 geora_peft_type()
 register(config_cls=GeoRAConfig, model_cls=GeoRAModel)
+trl_support.install()
 
 __version__ = "0.1.0"
 

@@ -51,6 +51,17 @@ def _init_report(args: argparse.Namespace) -> int:
     return 0 if identical else 1
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """GRPO with GeoRA on SmolLM2-135M-Instruct (or --model) on synthetic arithmetic; prints the reward curve."""
+    from dataclasses import fields
+
+    from .demo import DemoSettings, report, run_demo
+
+    settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})
+    print(report(run_demo(settings)))
+    return 0
+
+
 def _export_lora(args: argparse.Namespace) -> int:
     """Convert a saved GeoRA adapter folder into a stock rank-2r PEFT LoRA folder."""
     from .export import export_lora
@@ -63,6 +74,25 @@ def _export_lora(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-geora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from .demo import DemoSettings
+
+    defaults = DemoSettings()
+    p = sub.add_parser("demo", help="GRPO with GeoRA on the built-in SmolLM2-135M-Instruct (about 10 min on 2 CPUs)")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--model", default=None, help="local model folder (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    p.add_argument("--output-dir", dest="output_dir", default=defaults.output_dir)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int, default=defaults.prompts_per_step)
+    p.add_argument("--num-generations", dest="num_generations", type=int, default=defaults.num_generations)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=defaults.max_new_tokens)
+    p.add_argument("--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--beta", type=float, default=defaults.beta, help="KL coefficient (TRL's default 0)")
+    p.add_argument("--r", type=int, default=defaults.r)
+    p.add_argument("--lora-alpha", dest="lora_alpha", type=int, default=defaults.lora_alpha)
+    p.add_argument("--eval-size", dest="eval_size", type=int, default=defaults.eval_size)
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("init-report", help="GeoRA init report over a model's layers (default: SmolLM2-135M)")
     p.add_argument("--model", default=None, help="local model folder (default: built-in SmolLM2-135M-Instruct)")
