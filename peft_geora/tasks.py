@@ -53,8 +53,13 @@ def _operand(rng: random.Random, digits: int) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
-def make_problems(tasks: tuple[str, ...] | list[str], n: int, seed: int, exclude: set | None = None) -> list[Problem]:
-    """``n`` distinct problems drawn evenly from ``tasks`` with a seeded generator, none of them in ``exclude``."""
+def make_problems(
+    tasks: tuple[str, ...] | list[str], n: int, seed: int, exclude: set | None = None, distinct: bool = True
+) -> list[Problem]:
+    """``n`` problems drawn evenly from ``tasks`` with a seeded generator, none of them in ``exclude``.
+
+    With ``distinct=False`` a problem may repeat (training prompts may; a test set should not).
+    """
     unknown = set(tasks) - TASKS.keys()
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; known: {sorted(TASKS)}")
@@ -72,16 +77,20 @@ def make_problems(tasks: tuple[str, ...] | list[str], n: int, seed: int, exclude
         key = (task, a, b)
         if key in seen:
             continue
-        seen.add(key)
+        if distinct:
+            seen.add(key)
         answer = {"+": a + b, "-": a - b, "*": a * b}[op]
         problems.append(Problem(task, a, b, answer))
     return problems
 
 
 def split(tasks: tuple[str, ...], n_train: int, n_test: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Disjoint train and test sets of the same task mix."""
+    """A distinct test set and a training set of the same task mix that never contains a test problem.
+
+    Training problems may repeat (the space of 1-digit additions holds only 100).
+    """
     test = make_problems(tasks, n_test, seed=seed + 10_000)
-    train = make_problems(tasks, n_train, seed=seed, exclude={(p.task, p.a, p.b) for p in test})
+    train = make_problems(tasks, n_train, seed=seed, exclude={(p.task, p.a, p.b) for p in test}, distinct=False)
     return train, test
 
 
