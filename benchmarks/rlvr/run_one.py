@@ -1,0 +1,149 @@
+"""One RLVR run: a method, a seed, a learning rate. Trains with TRL's GRPO and writes every metric as JSON.
+
+Run by ``benchmarks/rlvr/run.py`` in a fresh process per run (clean peak memory, no state shared between methods).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.rlvr.metrics import (  # noqa: E402
+    continuation_batch,
+    effective_linear_weights,
+    logits_on,
+    peak_rss_mb,
+    token_kl,
+    update_geometry,
+)
+from benchmarks.rlvr.probes import GENERAL_PROMPTS, RETAINED_SKILL, skill_correct  # noqa: E402
+from peft_geora import GeoRAConfig  # noqa: E402
+from peft_geora.default_model import load_default_model  # noqa: E402
+from peft_geora.tasks import (  # noqa: E402
+    TRAIN_MIX,
+    correctness_reward,
+    format_reward,
+    greedy_accuracy,
+    greedy_replies,
+    make_problems,
+    split,
+    to_dataset,
+)
+
+OOD_TASKS = {"longer_numbers": ("add_2x2",), "held_out_operation": ("sub_1x1",)}
+
+
+def method_config(method: str, r: int, alpha: int):  # noqa: ANN201
+    """The PEFT config of a method (None for full fine-tuning); same rank and alpha for every adapter."""
+    from peft import LoraConfig
+
+    common = dict(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+    configs = {
+        "geora": lambda: GeoRAConfig(**common),
+        "lora": lambda: LoraConfig(**common),
+        "pissa": lambda: LoraConfig(**common, init_lora_weights="pissa_niter_4"),
+        "milora": lambda: GeoRAConfig(**common, priors="none", components="tail"),
+        "geora_no_spectral": lambda: GeoRAConfig(**common, priors="euclidean"),
+        "geora_no_euclidean": lambda: GeoRAConfig(**common, priors="spectral"),
+        "full_ft": lambda: None,
+    }
+    if method not in configs:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(configs)}")
+    return configs[method]()
+
+
+def evaluate(model, tokenizer, sets: dict, kl_batch: dict, base_logits: torch.Tensor, tokens: int) -> dict:  # noqa: ANN001
+    result = {name: greedy_accuracy(model, tokenizer, problems, tokens) for name, problems in sets.items()}
+    replies = greedy_replies(model, tokenizer, RETAINED_SKILL, max_new_tokens=6)
+    result["retained_skill"] = sum(skill_correct(r, s) for r, s in zip(replies, RETAINED_SKILL)) / len(RETAINED_SKILL)
+    result["general_kl"] = token_kl(logits_on(model, kl_batch), base_logits, kl_batch["kl_mask"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--eval-size", type=int, default=48)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_default_model(args.model, device=args.device)
+    train, test = split(TRAIN_MIX, args.steps * args.prompts_per_step, args.eval_size, seed=args.seed)
+    sets = {"in_domain": test}
+    sets.update({name: make_problems(tasks, args.eval_size, seed=99) for name, tasks in OOD_TASKS.items()})
+    kl_batch = continuation_batch(model, tokenizer, GENERAL_PROMPTS)
+    base_logits = logits_on(model, kl_batch)
+    before = evaluate(model, tokenizer, sets, kl_batch, base_logits, args.max_new_tokens)
+    weights_before = effective_linear_weights(model)
+
+    grpo = GRPOConfig(
+        output_dir=str(Path(args.out).with_suffix("")) + "_trainer",
+        max_steps=args.steps,
+        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens,
+        learning_rate=args.learning_rate,
+        beta=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=args.device == "cpu",
+        bf16=args.device != "cpu",
+        gradient_checkpointing=False,
+        seed=args.seed,
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[correctness_reward, format_reward],
+        args=grpo,
+        train_dataset=to_dataset(train),
+        processing_class=tokenizer,
+        peft_config=method_config(args.method, args.r, args.lora_alpha),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    policy = trainer.model
+    after = evaluate(policy, tokenizer, sets, kl_batch, base_logits, args.max_new_tokens)
+    geometry = update_geometry(weights_before, effective_linear_weights(policy), k=args.r)
+    history = trainer.state.log_history
+    result = {
+        "method": args.method,
+        "seed": args.seed,
+        "learning_rate": args.learning_rate,
+        "settings": vars(args),
+        "before": before,
+        "after": after,
+        "reward_curve": [float(h["reward"]) for h in history if "reward" in h],
+        "step_seconds": seconds / max(1, args.steps),
+        "peak_rss_mb": peak_rss_mb(),
+        "geometry": geometry,
+        "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
