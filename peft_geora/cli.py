@@ -107,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="folder of a saved GeoRA adapter (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("dst", help="output folder for the LoRA adapter")
     p.set_defaults(func=_export_lora)
+
+    p = sub.add_parser("inspect", help="where a saved GeoRA/LoRA adapter moved each weight: S_head, spectral shift")
+    p.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--base", default=None, help="local base model folder (default: the config's, else built-in)")
+    p.add_argument("--png", default=None, help="write a heatmap (layers x projection types) here")
+    p.add_argument("--top-k", type=int, default=16, help="W's top-k directions for S_head and angles (default 16)")
+    p.add_argument("--json", default=None, help="also write the per-layer rows as JSON here")
+
+    def _inspect(args: argparse.Namespace) -> int:
+        from .inspect_adapter import run
+
+        return run(args)
+
+    p.set_defaults(func=_inspect)
     return parser
 
 

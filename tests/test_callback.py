@@ -1,0 +1,117 @@
+"""GeoRADiagnosticsCallback inside a tiny TRL GRPO run: its numbers must land in the trainer's own logs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.utils.other import transpose
+from transformers import TrainerCallback
+
+from peft_geora import GeoRAConfig
+from peft_geora.callback import GeoRADiagnosticsCallback, adapted_layers, stratified_subset
+from peft_geora.diagnostics import update_diagnostics
+
+from .conftest import make_tiny_model
+from .grpo_utils import make_grpo_trainer, one_torch_thread
+
+TYPES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj")
+AGGREGATES = ("geora/s_head", "geora/spectral_shift", "geora/principal_angle", "geora/relative_norm")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+class LogRecorder(TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard, W&B): keeps every ``logs`` dict it is shown."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs or {}))
+
+
+def _train_rows(trainer) -> dict[int, dict]:
+    return {row["step"]: row for row in trainer.state.log_history if "loss" in row}
+
+
+def test_callback_metrics_reach_log_history(tmp_path):
+    callback = GeoRADiagnosticsCallback(every_n_steps=1, max_layers=5)
+    trainer = make_grpo_trainer(
+        make_tiny_model(), peft_config=GeoRAConfig(r=4, lora_alpha=8), callbacks=[callback], output_dir=str(tmp_path)
+    )
+    trainer.train()
+    rows = _train_rows(trainer)
+    assert set(rows) == {1, 2}
+    for row in rows.values():
+        for key in AGGREGATES:
+            assert key in row and math.isfinite(row[key]), key
+        assert row["geora/layers"] == 5.0 and row["geora/seconds"] >= 0.0
+        assert all(f"geora/s_head/{t}" in row for t in TYPES)
+        assert 0.0 < row["geora/s_head"] < 1.0
+        assert row["geora/spectral_shift"] > 0.0 and row["geora/relative_norm"] > 0.0  # GRPO moved the factors
+    assert rows[2]["geora/relative_norm"] != rows[1]["geora/relative_norm"]
+    # the logged per-layer numbers are the diagnostics of the trained layers, computed directly
+    model = trainer.model
+    layers = {name: (module, adapter) for name, module, adapter in adapted_layers(model)}
+    for name, logged in callback.last_per_layer.items():
+        module, adapter = layers[name]
+        with torch.no_grad():
+            weight = transpose(module.get_base_layer().weight, module.fan_in_fan_out)
+            expected = update_diagnostics(weight, module.get_delta_weight(adapter), 16)
+        for key in ("s_head", "spectral_shift", "principal_angle", "relative_norm"):
+            assert logged[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (name, key)
+
+
+def test_attached_callback_reaches_reporters_only_on_its_steps(tmp_path):
+    recorder = LogRecorder()
+    callback = GeoRADiagnosticsCallback(every_n_steps=2, max_layers=None, per_layer_type=False)
+    trainer = make_grpo_trainer(
+        make_tiny_model(), peft_config=GeoRAConfig(r=4, lora_alpha=8), callbacks=[recorder], output_dir=str(tmp_path)
+    )
+    assert callback.attach(trainer) is callback
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    rows = _train_rows(trainer)
+    assert "geora/s_head" not in rows[1] and "geora/s_head" in rows[2]
+    assert rows[2]["geora/layers"] == 14.0  # 7 projections x 2 layers
+    assert not any(key.startswith("geora/s_head/") for key in rows[2])
+    seen = [logs for logs in recorder.seen if "geora/s_head" in logs]
+    assert len(seen) == 1 and seen[0]["geora/s_head"] == rows[2]["geora/s_head"]
+
+
+def test_plain_lora_layers_are_measured():
+    model = get_peft_model(make_tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    callback = GeoRADiagnosticsCallback(max_layers=None)
+    untrained = callback.compute(model)
+    assert untrained["geora/layers"] == 4.0 and untrained["geora/s_head"] == 0.0  # B = 0: no update yet
+    assert untrained["geora/spectral_shift"] == 0.0 and "geora/principal_angle" not in untrained  # no NaN logged
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    trained = callback.compute(model)
+    assert 0.0 < trained["geora/s_head"] < 1.0 and trained["geora/spectral_shift"] > 0.0
+    assert set(k.split("/", 2)[-1] for k in trained if k.startswith("geora/s_head/")) == {
+        "self_attn.q_proj",
+        "mlp.down_proj",
+    }
+
+
+def test_stratified_subset_covers_every_type_and_spreads_depth():
+    names = [f"model.layers.{i}.{t}" for i in range(10) for t in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")]
+    picked = stratified_subset(names, 6)
+    assert len(picked) == 6
+    for t in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"):
+        depths = [int(n.split(".")[2]) for n in picked if n.endswith(t)]
+        assert depths == [0, 9]
+    assert stratified_subset(names, None) == names
+    assert len(stratified_subset(names, 2)) == 2
+    with pytest.raises(ValueError):
+        GeoRADiagnosticsCallback(every_n_steps=0)

@@ -1,0 +1,169 @@
+"""``peft-geora inspect``: saved GeoRA and LoRA adapters, base weights read from safetensors, table + PNG + JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import transpose
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from peft_geora import GeoRAConfig
+from peft_geora.cli import main
+from peft_geora.diagnostics import s_head, update_diagnostics
+from peft_geora.inspect_adapter import inspect_adapter
+
+from .conftest import make_tiny_model
+from .grpo_utils import one_torch_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+def _perturb(model: torch.nn.Module, names: tuple[str, ...], scale: float, seed: int = 0) -> None:
+    """Stand-in for training: move the trainable factors so that dW != 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in names):
+                param.add_(scale * torch.randn(param.shape, generator=gen))
+
+
+def _expected(model: torch.nn.Module, top_k: int = 16) -> dict[str, dict[str, float]]:
+    """The diagnostics computed directly on the in-memory PeftModel, keyed like the CLI's module column."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            with torch.no_grad():
+                weight = transpose(module.get_base_layer().weight, module.fan_in_fan_out)
+                delta = transpose(module.get_delta_weight("default"), module.fan_in_fan_out)
+            stats = update_diagnostics(weight, delta, top_k)
+            out[name.removeprefix("base_model.model.")] = stats
+    return out
+
+
+def _saved(tmp_path, base_model, config, names, scale, folder):
+    base_dir = tmp_path / "base"
+    if not base_dir.exists():
+        base_model.save_pretrained(base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    _perturb(model, names, scale)
+    model.save_pretrained(tmp_path / folder)
+    return model, base_dir, tmp_path / folder
+
+
+@pytest.fixture
+def geora_adapter(tmp_path):
+    config = GeoRAConfig(r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 16})
+    return _saved(tmp_path, make_tiny_model(), config, ("factor",), 0.01, "geora")
+
+
+@pytest.fixture
+def lora_adapter(tmp_path):
+    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear")
+    return _saved(tmp_path, make_tiny_model(), config, ("lora_B",), 0.01, "lora")
+
+
+def _table(text: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("model.layers.")}
+
+
+def test_geora_table_png_and_json_match_direct_diagnostics(geora_adapter, tmp_path, capsys):
+    model, base_dir, adapter_dir = geora_adapter
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    png, js = tmp_path / "heat.png", tmp_path / "rows.json"
+    assert main(["inspect", str(adapter_dir), "--png", str(png), "--json", str(js)]) == 0  # base from the config
+    expected = _expected(model)
+    table = _table(capsys.readouterr().out)
+    assert set(table) == set(expected) and len(table) == 14
+    for module, cells in table.items():
+        assert cells[1] == "geora"
+        assert float(cells[6]) == pytest.approx(expected[module]["s_head"], rel=1e-4)
+        assert float(cells[7]) == pytest.approx(expected[module]["spectral_shift"], rel=1e-4)
+        assert float(cells[4]) == pytest.approx(expected[module]["delta_norm"], rel=1e-4)
+    assert table["model.layers.0.self_attn.q_proj"][3] == "2"  # rank_pattern honoured
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    for row in json.loads(js.read_text()):
+        for key in ("s_head", "spectral_shift", "principal_angle", "relative_norm"):
+            assert row[key] == pytest.approx(expected[row["module"]][key], rel=1e-5, abs=1e-7), (row["module"], key)
+
+
+def test_lora_adapter_with_explicit_base_and_top_k(lora_adapter, capsys):
+    model, base_dir, adapter_dir = lora_adapter
+    assert main(["inspect", str(adapter_dir), "--base", str(base_dir), "--top-k", "1"]) == 0
+    expected = _expected(model, top_k=1)
+    table = _table(capsys.readouterr().out)
+    assert set(table) == set(expected)
+    for module, cells in table.items():
+        assert cells[1] == "lora"
+        assert float(cells[6]) == pytest.approx(expected[module]["s_head"], rel=1e-4)
+        assert float(cells[7]) == pytest.approx(expected[module]["spectral_shift"], rel=1e-4)
+
+
+def test_gpt2_conv1d_adapter_is_transposed_right(tmp_path):
+    config = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    geora = GeoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"])
+    model, base_dir, adapter_dir = _saved(tmp_path, base, geora, ("factor",), 0.01, "gpt2")
+    rows, _ = inspect_adapter(adapter_dir, base=base_dir)
+    expected = _expected(model)
+    assert {r["module"] for r in rows} == set(expected) and rows[0]["shape"] in {(96, 32), (128, 32)}
+    for row in rows:
+        assert row["s_head"] == pytest.approx(expected[row["module"]]["s_head"], rel=1e-5, abs=1e-7)
+
+
+def test_pissa_adapter_gets_a_note(lora_adapter):
+    _, base_dir, adapter_dir = lora_adapter
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["init_lora_weights"] = "pissa_niter_4"
+    config_path.write_text(json.dumps(config))
+    rows, notes = inspect_adapter(adapter_dir, base=base_dir)
+    assert rows and any("RESIDUAL" in note for note in notes)
+    with pytest.raises(KeyError, match="no weight"):
+        inspect_adapter(adapter_dir, base=_other_base(adapter_dir.parent))
+
+
+def _other_base(tmp_path):
+    folder = tmp_path / "other_base"
+    AutoModelForCausalLM.from_config(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+    return folder
+
+
+def test_subprocess_cli(geora_adapter, tmp_path):
+    model, base_dir, adapter_dir = geora_adapter
+    png = tmp_path / "sub.png"
+    command = [sys.executable, "-m", "peft_geora.cli", "inspect", str(adapter_dir), "--base", str(base_dir)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # see one_torch_thread
+    result = subprocess.run(command + ["--png", str(png)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    table = _table(result.stdout)
+    q_proj = "model.layers.1.self_attn.q_proj"
+    assert float(table[q_proj][6]) == pytest.approx(_expected(model)[q_proj]["s_head"], rel=1e-4)
+    assert png.stat().st_size > 5000
+
+
+def test_s_head_column_changes_with_top_k(geora_adapter):
+    model, base_dir, adapter_dir = geora_adapter
+    rows, _ = inspect_adapter(adapter_dir, base=base_dir, top_k=1)
+    layer = dict(model.named_modules())["base_model.model.model.layers.0.mlp.up_proj"]
+    with torch.no_grad():
+        direct = s_head(layer.get_base_layer().weight, layer.get_delta_weight("default"), 1)
+    row = next(r for r in rows if r["module"] == "model.layers.0.mlp.up_proj")
+    assert row["s_head"] == pytest.approx(direct, rel=1e-5)
+    rows, _ = inspect_adapter(adapter_dir, base=base_dir, top_k=None)  # each module's adapter rank
+    layer = dict(model.named_modules())["base_model.model.model.layers.0.self_attn.q_proj"]  # rank_pattern: 2
+    with torch.no_grad():
+        direct = s_head(layer.get_base_layer().weight, layer.get_delta_weight("default"), 2)
+    row = next(r for r in rows if r["module"] == "model.layers.0.self_attn.q_proj")
+    assert row["s_head"] == pytest.approx(direct, rel=1e-5)
