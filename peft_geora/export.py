@@ -139,8 +139,7 @@ def export_lora(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 def save_as_lora(peft_model, dst: str | os.PathLike, adapter_name: str = "default") -> Path:  # noqa: ANN001
     """Save ``adapter_name`` of a GeoRA ``PeftModel`` (or ``GeoRAModel``) as a stock rank-2r LoRA in ``dst``."""
-    return (
-        peft_model.base_model.save_as_lora(dst, adapter_name)
-        if hasattr(peft_model, "base_model")
-        else (peft_model.save_as_lora(dst, adapter_name))
-    )
+    from peft import PeftModel
+
+    tuner = peft_model.base_model if isinstance(peft_model, PeftModel) else peft_model
+    return tuner.save_as_lora(dst, adapter_name)
