@@ -69,13 +69,15 @@ class _Anchored(nn.Module):
 class AnchoredA(_Anchored):
     """``lora_A`` of GeoRA: ``x -> [A x ; A0 x]``, with ``A`` and ``A0`` of shape (r x in)."""
 
+    # shapes are read from the anchor: a buffer, never emptied by ZeRO-3's parameter partitioning
+
     @property
     def rank(self) -> int:
-        return self.factor.shape[0]
+        return self.anchor.shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.factor.shape[1]
+        return self.anchor.shape[1]
 
     @property
     def out_features(self) -> int:
@@ -99,7 +101,7 @@ class AnchoredB(_Anchored):
 
     @property
     def rank(self) -> int:
-        return self.factor.shape[1]
+        return self.anchor.shape[1]
 
     @property
     def in_features(self) -> int:
@@ -107,7 +109,7 @@ class AnchoredB(_Anchored):
 
     @property
     def out_features(self) -> int:
-        return self.factor.shape[0]
+        return self.anchor.shape[0]
 
     @property
     def bias(self) -> None:

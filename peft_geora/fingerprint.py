@@ -24,6 +24,13 @@ logger = logging.getLogger(__name__)
 POLICIES = ("warn", "raise", "off")
 _policy: list[str] = []
 
+# Comparing a quantized base with another precision of it. Measured on SmolLM2-135M's 210 projections, nf4 / fp4 /
+# int8 against bf16: the sums of |W| and W^2 moved by at most 0.9% / 2.3% / 0.03%, a probe by at most 0.147 / 0.167 /
+# 0.0039 times its block's scale (half the widest gap of the code book: 0.152 / 0.167 / 0.0039). The slack covers
+# bf16 rounding and double-quantized scales.
+QUANTIZED_SUM_TOL = 0.05
+QUANTIZED_SCALE_SLACK = 0.05
+
 
 class BaseModelMismatchError(ValueError):
     """Raised (with policy ``"raise"``) when an adapter is loaded onto different base weights."""
@@ -57,15 +64,28 @@ def _probe_indices(numel: int) -> list[int]:
 
 
 @torch.no_grad()
-def weight_fingerprint(weight: torch.Tensor) -> dict:
-    """A few numbers that change when the weight does: ``{"dtype": ..., "values": [...]}`` (JSON-serialisable)."""
+def weight_fingerprint(weight: torch.Tensor, quantized: tuple[str, int, float] | None = None) -> dict:
+    """A few numbers that change when the weight does: ``{"dtype": ..., "values": [...]}`` (JSON-serialisable).
+
+    For a quantized layer pass its dequantized weight and ``quantized=(kind, block, half_step)``: ``kind`` (e.g.
+    ``"nf4"``) replaces the dtype, and each probe records the scale of its quantization block (``block`` consecutive
+    entries) and the largest rounding error as a share of that scale (``half_step``), so that the same checkpoint at
+    another precision can be recognised (:func:`fingerprints_match`).
+    """
     flat = weight.detach().reshape(-1)
     w64 = flat.to(torch.float64)
-    probes = [float(flat[i]) for i in _probe_indices(flat.numel())]
-    return {
+    indices = _probe_indices(flat.numel())
+    fingerprint = {
         "dtype": str(weight.dtype).removeprefix("torch."),
-        "values": [float(w64.abs().sum()), float(w64.square().sum()), *probes],
+        "values": [float(w64.abs().sum()), float(w64.square().sum()), *(float(flat[i]) for i in indices)],
     }
+    if quantized is not None:
+        kind, block, half_step = quantized
+        starts = [(i // block) * block for i in indices]
+        fingerprint["dtype"] = kind
+        fingerprint["scales"] = [float(flat[s : s + block].abs().max()) for s in starts]
+        fingerprint["half_step"] = half_step
+    return fingerprint
 
 
 def _eps(dtype_name: str) -> float:
@@ -74,12 +94,22 @@ def _eps(dtype_name: str) -> float:
 
 
 def fingerprints_match(expected: dict, actual: dict) -> bool:
-    """True if ``actual`` could be ``expected``'s weight, up to rounding to the coarser dtype."""
-    tol = 4 * max(_eps(expected["dtype"]), _eps(actual["dtype"]))
-    pairs = zip(expected["values"], actual["values"])
-    return len(expected["values"]) == len(actual["values"]) and all(
-        abs(a - b) <= tol * max(abs(a), abs(b)) + 1e-30 for a, b in pairs
-    )
+    """True if ``actual`` could be ``expected``'s weight, up to rounding to the coarser dtype.
+
+    If either side is quantized (a 4-bit base against its bf16 checkpoint, nf4 against int8, or two quantizations of
+    one checkpoint loaded in different dtypes), the sums may differ by ``QUANTIZED_SUM_TOL`` and each probe by the
+    rounding error its quantization allows.
+    """
+    if len(expected["values"]) != len(actual["values"]):
+        return False
+    pairs = list(zip(expected["values"], actual["values"]))
+    quantized = [f for f in (expected, actual) if "scales" in f]
+    if not quantized:
+        tol = 4 * max(_eps(expected["dtype"]), _eps(actual["dtype"]))
+        return all(abs(a - b) <= tol * max(abs(a), abs(b)) + 1e-30 for a, b in pairs)
+    sums_match = all(abs(a - b) <= QUANTIZED_SUM_TOL * max(abs(a), abs(b)) for a, b in pairs[:2])
+    slack = [sum((f["half_step"] + QUANTIZED_SCALE_SLACK) * f["scales"][k] for f in quantized) for k in range(4)]
+    return sums_match and all(abs(a - b) <= slack[k] + 1e-30 for k, (a, b) in enumerate(pairs[2:]))
 
 
 def check_loaded_adapters(model: nn.Module) -> list[str]:
@@ -106,7 +136,7 @@ def check_loaded_adapters(model: nn.Module) -> list[str]:
             weight = module.get_base_layer().weight
             if policy == "off" or not expected or weight.device.type == "meta":
                 continue
-            if not fingerprints_match(expected, weight_fingerprint(weight)):
+            if not fingerprints_match(expected, module.geora_fingerprint()):
                 mismatched.append(f"{name} ({adapter})")
     if mismatched:
         shown = ", ".join(mismatched[:10]) + (f" and {len(mismatched) - 10} more" if len(mismatched) > 10 else "")

@@ -7,21 +7,24 @@ computing (or reusing) the decomposition, and an exact ``get_delta_weight``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
-from peft.utils.integrations import gather_params_ctx
 from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .anchor import AnchoredA, AnchoredB
 from .config import GeoRAConfig
+from .distributed import broadcast_from_rank0, check_reachable, full_shape, gathered, is_zero3_param
 from .fingerprint import weight_fingerprint
 from .functional import geora_decompose
 
@@ -40,28 +43,55 @@ def is_quantized_layer(layer: nn.Module) -> bool:
     return weight is not None and not weight.is_floating_point()
 
 
+def bnb_layer_kind(layer: nn.Module) -> str | None:
+    """``"4bit"`` / ``"8bit"`` for the bitsandbytes layers GeoRA supports (Linear4bit, Linear8bitLt), else None.
+
+    Looks bitsandbytes up in ``sys.modules`` only: a model cannot hold its layers unless it was imported.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return None
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return "4bit"
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return "8bit"
+    return None
+
+
 def check_target(layer: nn.Module, name: str, r: int) -> None:
     """Raise a clear error if GeoRA cannot be applied to ``layer`` (called before anything is modified)."""
-    if is_quantized_layer(layer):
+    kind = bnb_layer_kind(layer)
+    if kind is None and is_quantized_layer(layer):
         raise TypeError(
             f"GeoRA: target module '{name}' is a quantized layer ({type(layer).__module__}.{type(layer).__name__}); "
-            "quantized base layers are not supported yet. Load the model in float32/bfloat16/float16."
+            "this quantization is not supported yet. GeoRA supports float nn.Linear / Conv1D and bitsandbytes "
+            "Linear4bit / Linear8bitLt base layers: load the model in float or with a BitsAndBytesConfig."
         )
-    if not isinstance(layer, (nn.Linear, Conv1D)):
+    if kind is None and not isinstance(layer, (nn.Linear, Conv1D)):
         raise TypeError(
             f"GeoRA: target module '{name}' is a {type(layer).__name__}; only float nn.Linear and transformers "
-            "Conv1D layers can be targeted. Adjust target_modules / exclude_modules."
+            "Conv1D layers (or their bitsandbytes 4-/8-bit versions) can be targeted. Adjust target_modules / "
+            "exclude_modules."
         )
     weight = layer.weight
-    if weight.device.type != "meta":
-        out_features, in_features = weight.shape if isinstance(layer, nn.Linear) else weight.shape[::-1]
-        if r > min(out_features, in_features):
-            raise ValueError(
-                f"GeoRA: rank r={r} is larger than min(out, in)={min(out_features, in_features)} of target module "
-                f"'{name}' (shape {out_features} x {in_features}). Lower r or use rank_pattern."
-            )
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"GeoRA: the weight of target module '{name}' contains NaN or Inf values")
+    if weight.device.type == "meta":
+        return
+    check_reachable(weight, name)
+    if kind is not None:
+        from .quantized import dequantized_weight
+
+        out_features, in_features = layer.out_features, layer.in_features
+        weight = dequantized_weight(layer)
+    else:
+        shape = full_shape(weight)  # ZeRO-3: finiteness is checked once gathered (distributed.gathered)
+        out_features, in_features = shape if isinstance(layer, nn.Linear) else shape[::-1]
+    if r > min(out_features, in_features):
+        raise ValueError(
+            f"GeoRA: rank r={r} is larger than min(out, in)={min(out_features, in_features)} of target module "
+            f"'{name}' (shape {out_features} x {in_features}). Lower r or use rank_pattern."
+        )
+    if not is_zero3_param(weight) and not torch.isfinite(weight).all():
+        raise ValueError(f"GeoRA: the weight of target module '{name}' contains NaN or Inf values")
 
 
 class GeoRALayer:
@@ -119,7 +149,7 @@ class GeoRALayer:
             a, b = a0.clone(), b0.clone()
             awaiting = False
         if not awaiting and base_weight.device.type != "meta":
-            expected = weight_fingerprint(base_weight)
+            expected = self.geora_fingerprint()
             config.base_fingerprints[target_name] = expected
         self.lora_A[adapter_name] = AnchoredA(a, a0, awaiting_checkpoint=awaiting)
         self.lora_B[adapter_name] = AnchoredB(b, b0, awaiting_checkpoint=awaiting)
@@ -150,9 +180,7 @@ class GeoRALayer:
             report = dict(self.geora_reports.get(other, {}), seconds=0.0, reused=1.0)
             return self.lora_A[other].anchor.clone(), self.lora_B[other].anchor.clone(), report
         start = time.perf_counter()
-        weight = self.get_base_layer().weight
-        with gather_params_ctx(weight):
-            matrix = transpose(weight.detach(), self.fan_in_fan_out)
+        with self._geora_weight() as matrix:
             divisor = self.scaling[adapter_name] if config.scale_convention == "pissa" else 1.0
             dec = geora_decompose(
                 matrix,
@@ -182,7 +210,23 @@ class GeoRALayer:
             "seconds": time.perf_counter() - start,
             "reused": 0.0,
         }
-        return dec.factors.A.cpu(), dec.factors.B.cpu(), report
+        a0, b0 = broadcast_from_rank0(dec.factors, like=self.get_base_layer().weight)  # ZeRO-3: rank 0's
+        return a0.cpu(), b0.cpu(), report
+
+    @contextlib.contextmanager
+    def _geora_weight(self) -> Iterator[torch.Tensor]:
+        """The base weight as an (out x in) float matrix for the decomposition (gathered under ZeRO-3).
+
+        Quantized layer classes override this to dequantize; nothing written to the yielded tensor may reach the base.
+        """
+        weight = self.get_base_layer().weight
+        with gathered(weight):
+            yield transpose(weight.detach(), self.fan_in_fan_out)
+
+    def geora_fingerprint(self) -> dict:
+        """Fingerprint of the base weight (:mod:`peft_geora.fingerprint`), recorded at init and checked on load."""
+        with gathered(self.get_base_layer().weight) as weight:
+            return weight_fingerprint(weight)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``s (B A - B0 A0)`` as two products, so it is exactly zero at initialisation."""

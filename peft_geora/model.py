@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from .checkpoint import validate_checkpoint
 from .config import GeoRAConfig
 from .fingerprint import ensure_load_hooks
-from .layer import GeoRALayer, GeoRALinear, check_target
+from .layer import GeoRALayer, GeoRALinear, bnb_layer_kind, check_target
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ class GeoRAModel(LoraModel):
         name = kwargs.get("target_name") or type(base).__name__
         check_target(base, name, kwargs["r"])
         kwargs.pop("parameter_name", None)
+        if bnb_layer_kind(base) is not None:
+            from .quantized import create_quantized_module
+
+            return create_quantized_module(target, adapter_name, config, **kwargs)
         if isinstance(base, Conv1D):
             config.fan_in_fan_out = True
             return GeoRALinear(target, adapter_name, config=config, is_target_conv_1d_layer=True, **kwargs)
