@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from .functional import geora_decompose, randomized_svd
+from .functional import GeoRADecomposition, geora_decompose, randomized_svd
 
 EXACT_LIMIT = 1024  # exact SVDs up to this min(out, in); randomized / top-q paths above
 DEFAULT_TOP_Q = 64  # singular values the cheap spectral shift compares
@@ -298,13 +298,9 @@ def update_diagnostics(
     }
 
 
-def geora_init_report(
-    weight: torch.Tensor, r: int = 16, *, rho: float = 0.2, spectral_rank: int | None = None, **kwargs
-) -> dict[str, float]:
-    """What GeoRA's initialisation does to ``weight``: mask coverages, overlap (share of entries in both masks),
-    Jaccard index, energy kept by the mask, energy the rank-r factors capture of it, and ``init_s_head`` (the
-    share of the anchor product ``B0 A0`` along W's top-r directions). ``kwargs`` go to :func:`geora_decompose`."""
-    dec = geora_decompose(weight, r, rho=rho, spectral_rank=spectral_rank, priors="union", **kwargs)
+def decomposition_report(dec: GeoRADecomposition) -> dict[str, float]:
+    """What one GeoRA initialisation did: mask coverages, overlap (share of entries in both masks), Jaccard index,
+    energy kept by the mask and the share of it the rank-r factors capture. Also the layers' ``geora_reports``."""
     spectral, euclidean = dec.masks
     n = spectral.numel()
     overlap = int((spectral & euclidean).sum())
@@ -317,5 +313,13 @@ def geora_init_report(
         "jaccard": overlap / union if union else 0.0,
         "masked_energy": dec.masked_energy / dec.weight_energy if dec.weight_energy else 0.0,
         "captured_energy": float(dec.singular_values.square().sum()) / dec.masked_energy if dec.masked_energy else 0.0,
-        "init_s_head": s_head(weight, dec.factors.B @ dec.factors.A, r),
     }
+
+
+def geora_init_report(
+    weight: torch.Tensor, r: int = 16, *, rho: float = 0.2, spectral_rank: int | None = None, **kwargs
+) -> dict[str, float]:
+    """What GeoRA's initialisation does to ``weight`` (:func:`decomposition_report`), plus ``init_s_head``: the share
+    of the anchor product ``B0 A0`` along W's top-r directions. ``kwargs`` go to :func:`geora_decompose`."""
+    dec = geora_decompose(weight, r, rho=rho, spectral_rank=spectral_rank, priors="union", **kwargs)
+    return {**decomposition_report(dec), "init_s_head": s_head(weight, dec.factors.B @ dec.factors.A, r)}

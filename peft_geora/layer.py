@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .anchor import AnchoredA, AnchoredB
 from .config import GeoRAConfig
+from .diagnostics import decomposition_report
 from .distributed import broadcast_from_rank0, check_reachable, full_shape, gathered, is_zero3_param
 from .fingerprint import weight_fingerprint
 from .functional import geora_decompose
@@ -195,21 +196,7 @@ class GeoRALayer:
                 oversample=config.svd_oversample,
                 seed=config.svd_seed,
             )
-        spectral, euclidean = dec.masks
-        n = spectral.numel()
-        overlap = int((spectral & euclidean).sum())
-        union = int((spectral | euclidean).sum())
-        report = {
-            "spectral_coverage": int(spectral.sum()) / n,
-            "euclidean_coverage": int(euclidean.sum()) / n,
-            "union_coverage": union / n,
-            "overlap": overlap / n,
-            "jaccard": overlap / union,
-            "masked_energy": dec.masked_energy / dec.weight_energy,
-            "captured_energy": float(dec.singular_values.square().sum()) / dec.masked_energy,
-            "seconds": time.perf_counter() - start,
-            "reused": 0.0,
-        }
+        report = dict(decomposition_report(dec), seconds=time.perf_counter() - start, reused=0.0)
         a0, b0 = broadcast_from_rank0(dec.factors, like=self.get_base_layer().weight)  # ZeRO-3: rank 0's
         return a0.cpu(), b0.cpu(), report
 
