@@ -91,12 +91,27 @@ class GeoRAConfig(LoraConfig):
     svd_solver: Literal["auto", "exact", "randomized"] = field(
         default="auto",
         metadata={
-            "help": "'exact' (LAPACK SVD), 'randomized' (seeded range finder with power iterations) or 'auto' "
-            "(exact for small matrices and for tail components, randomized otherwise)."
+            "help": "'exact' (LAPACK SVD), 'randomized' (seeded randomized block Krylov solver that stops once the "
+            "top-r energy has converged; see peft_geora.functional.krylov_svd) or 'auto' (LAPACK for tail "
+            "components, an exact Gram-matrix eigensolve when min(out, in) <= 256, randomized otherwise). On "
+            "SmolLM2 'auto' captures >= 0.9999 of the exact top-r energy of every layer's masked matrix."
         },
     )
-    svd_niter: int = field(default=4, metadata={"help": "Power iterations of the randomized solver."})
-    svd_oversample: int = field(default=16, metadata={"help": "Extra sketch columns of the randomized solver."})
+    svd_niter: int = field(
+        default=24,
+        metadata={
+            "help": "Most Krylov steps of the randomized solver (each costs two products with the weight, like one "
+            "power iteration). A cap: the solver stops as soon as the captured energy has converged, after 5 to 11 "
+            "steps on SmolLM2. Lower it to trade accuracy for speed (4 steps capture ~0.96-0.99)."
+        },
+    )
+    svd_oversample: int = field(
+        default=0,
+        metadata={
+            "help": "Extra vectors per Krylov block of the randomized solver (block = r + svd_oversample). Measured: "
+            "block r converges with the fewest products; larger blocks cost more per step than they save in steps."
+        },
+    )
     svd_seed: int = field(default=0, metadata={"help": "Seed of the randomized solver (init is reproducible)."})
     init_weights: bool = field(
         default=True,

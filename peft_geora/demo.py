@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 class DemoSettings:
     """Everything the demo run depends on (the defaults take about 10 minutes on 2 CPU cores)."""
 
-    steps: int = 30
+    steps: int = 20
     model: str | None = None
     device: str = "cpu"
     output_dir: str = "outputs/geora-demo"

@@ -1,0 +1,239 @@
+"""Training step time and peak memory: GeoRA against LoRA at equal rank (forward + backward + AdamW step).
+
+Both adapters are put on the same base model (all linear projections, r=16, alpha=32) and trained on the same
+random token batch; steps alternate between the two methods (``--rounds`` rounds of ``--steps`` steps after
+``--warmup`` steps each), and medians and ratios are reported. GeoRA's forward adds ``B0 A0 x`` next to ``B A x``
+(two more rank-r products per adapted layer, see ``peft_geora/anchor.py``); ``--profile`` shows where the extra time
+goes with ``torch.profiler``. Peak memory during training: on CUDA ``max_memory_allocated``; on CPU one fresh
+subprocess per method samples its RSS (glibc told to return large blocks at once, as in ``init_speed.py``).
+
+Examples::
+
+    python benchmarks/step_speed.py --out step_speed.json
+    python benchmarks/step_speed.py --device cuda --shape qwen2.5-7b --layers 2 --seq 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from init_speed import RssSampler, _return_memory_eagerly, _rss_bytes, build_model, format_table  # noqa: E402
+
+import peft_geora  # noqa: E402,F401  (registers GeoRA with PEFT)
+from peft_geora import GeoRAConfig  # noqa: E402
+
+logger = logging.getLogger("step_speed")
+
+METHODS = ("lora", "geora")
+
+
+def make_peft(base: torch.nn.Module, method: str, r: int) -> torch.nn.Module:
+    """``base`` with a LoRA or GeoRA adapter of rank ``r`` on every linear projection (trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    common = dict(r=r, lora_alpha=2 * r, target_modules="all-linear")
+    config = LoraConfig(**common) if method == "lora" else GeoRAConfig(**common)
+    model = get_peft_model(base, config)
+    model.train()
+    return model
+
+
+def make_batch(args: argparse.Namespace, vocab: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device)
+    return {"input_ids": ids, "labels": ids}
+
+
+class Trainer:
+    """One model, its AdamW optimizer and a fixed batch; :meth:`step` runs and times one training step."""
+
+    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str) -> None:
+        self.model, self.batch, self.device = model, batch, device
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step(self) -> float:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = self.model(**self.batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def memory_probe(args: argparse.Namespace) -> dict:
+    """Peak memory of ``args.probe``'s training steps above the model with its adapter (this fresh process)."""
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        _return_memory_eagerly()
+    base = build_model(args)
+    trainer = Trainer(make_peft(base, args.probe, args.r), make_batch(args, base.config.vocab_size), args.device)
+    gc.collect()
+    if cuda:
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup + 1):
+            trainer.step()
+        return {"peak_above_model_mb": (torch.cuda.max_memory_allocated() - before) / 2**20}
+    before = _rss_bytes()
+    with RssSampler() as sampler:
+        for _ in range(args.warmup + 1):
+            trainer.step()
+    return {"peak_above_model_mb": (sampler.peak - before) / 2**20}
+
+
+def run_probe_subprocess(method: str, args: argparse.Namespace) -> dict | None:
+    cmd = [sys.executable, __file__, "--probe", method, "--device", args.device, "--r", str(args.r)]
+    cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
+    for flag in ("model", "shape", "layers", "threads"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        logger.warning("memory probe for %s failed:\n%s", method, done.stderr[-2000:])
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def profile(trainers: dict[str, Trainer], steps: int, rows: int) -> dict[str, dict[str, float]]:
+    """Self CPU (and CUDA) time per op over ``steps`` steps of each method; prints the ops whose time differs most."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    per_op: dict[str, dict[str, float]] = {}
+    for method, trainer in trainers.items():
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
+                trainer.step()
+        for event in prof.key_averages():
+            entry = per_op.setdefault(event.key, {m: 0.0 for m in trainers})
+            entry[method] = event.self_cpu_time_total / 1e3 / steps  # ms per step
+    total = {m: sum(op[m] for op in per_op.values()) for m in trainers}
+    diff = sorted(per_op.items(), key=lambda kv: abs(kv[1]["geora"] - kv[1]["lora"]), reverse=True)[:rows]
+    table = [["op (self CPU ms / step)", "lora", "geora", "geora - lora"]]
+    table += [[k, f"{v['lora']:.2f}", f"{v['geora']:.2f}", f"{v['geora'] - v['lora']:+.2f}"] for k, v in diff]
+    table.append(["total", f"{total['lora']:.2f}", f"{total['geora']:.2f}", f"{total['geora'] - total['lora']:+.2f}"])
+    print()
+    print(format_table(table))
+    return per_op
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default=None, help="local model folder (default: built-in SmolLM2-135M-Instruct)")
+    parser.add_argument("--shape", default=None, choices=["qwen2.5-7b"], help="random bf16 model of this shape")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (7B shape: default 2)")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before timing")
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per method and round")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many steps per method (0: off)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("peft_geora").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.probe:
+        print(json.dumps(memory_probe(args)))
+        return 0
+
+    trainers = {}
+    for method in METHODS:  # two copies of the base: adapters are injected in place
+        base = build_model(args)
+        batch = make_batch(args, base.config.vocab_size)
+        trainers[method] = Trainer(make_peft(base, method, args.r), batch, args.device)
+    for trainer in trainers.values():
+        for _ in range(args.warmup):
+            trainer.step()
+    load_before = os.getloadavg()
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for rnd in tqdm(range(args.rounds), desc="rounds"):
+        order = METHODS if rnd % 2 == 0 else METHODS[::-1]
+        for method in order:
+            times[method] += [trainers[method].step() for _ in range(args.steps)]
+    load_after = os.getloadavg()
+    median = {m: statistics.median(v) for m, v in times.items()}
+    round_ratios = [
+        statistics.median(times["geora"][i : i + args.steps]) / statistics.median(times["lora"][i : i + args.steps])
+        for i in range(0, len(times["lora"]), args.steps)
+    ]
+    per_op = profile(trainers, args.profile, 15) if args.profile else None
+    memory = {} if args.no_memory else {m: run_probe_subprocess(m, args) for m in tqdm(METHODS, desc="memory")}
+
+    rows = [["method", "trainable", "step s (median)", "steps", "peak MB above model"]]
+    for method in METHODS:
+        mem = memory.get(method)
+        rows.append(
+            [
+                method,
+                f"{trainers[method].trainable:,}",
+                f"{median[method]:.4f}",
+                str(len(times[method])),
+                f"{mem['peak_above_model_mb']:.1f}" if mem else "-",
+            ]
+        )
+    print()
+    print(format_table(rows))
+    print(
+        f"\nGeoRA / LoRA step time: {median['geora'] / median['lora']:.3f} (median of per-round ratios "
+        f"{statistics.median(round_ratios):.3f}, range {min(round_ratios):.3f}-{max(round_ratios):.3f})"
+    )
+    if memory.get("geora") and memory.get("lora"):
+        ratio = memory["geora"]["peak_above_model_mb"] / memory["lora"]["peak_above_model_mb"]
+        print(f"GeoRA / LoRA peak memory above the model: {ratio:.3f}")
+    print(
+        f"batch {args.batch} x seq {args.seq}, r={args.r}; load average before/after {load_before[0]:.1f} / "
+        f"{load_after[0]:.1f}; torch threads {torch.get_num_threads()}"
+    )
+    if args.out:
+        result = {
+            "args": vars(args),
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "loadavg_before": load_before,
+                "loadavg_after": load_after,
+            },
+            "seconds": times,
+            "median_seconds": median,
+            "geora_over_lora": median["geora"] / median["lora"],
+            "per_round_ratio": round_ratios,
+            "memory": memory,
+            "profile_ms_per_step": per_op,
+        }
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The fast initialisation path: it matches the exact path, selects exact thresholds, and is reproducible."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import peft_geora.functional as F
+from peft_geora.functional import (
+    geora_decompose,
+    geora_masks,
+    gram_svd,
+    krylov_svd,
+    kth_smallest,
+    magnitude_threshold,
+    quantile_rank,
+    truncated_svd,
+)
+
+QUALITY = 0.999  # captured energy of the fast top-r against the exact top-r of the same matrix
+
+
+def student_t(shape: tuple[int, int], gen: torch.Generator, df: int = 3) -> torch.Tensor:
+    """Heavy-tailed noise from a private generator: normal / sqrt(chi2_df / df)."""
+    chi2 = torch.randn(df, *shape, generator=gen).square().sum(0)
+    return torch.randn(shape, generator=gen) / (chi2 / df).sqrt()
+
+
+def trained_like(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """Low rank with a decaying spectrum plus heavy-tailed (Student-t) noise, like a trained weight."""
+    gen = torch.Generator().manual_seed(seed)
+    out, inp = shape
+    scales = torch.logspace(0, -1.5, 24)
+    low = (torch.randn(out, 24, generator=gen) * scales) @ torch.randn(24, inp, generator=gen)
+    return low / math.sqrt(inp) + student_t(shape, gen) * 0.015
+
+
+def exact_top_energy(matrix: torch.Tensor, r: int) -> float:
+    return float(torch.linalg.svdvals(matrix.double())[:r].square().sum())
+
+
+def captured(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, matrix: torch.Tensor, r: int) -> float:
+    """``||U S V^T||_F^2`` over the exact top-r energy of ``matrix``."""
+    return float(((u.double() * s.double()) @ vh.double()).square().sum()) / exact_top_energy(matrix, r)
+
+
+# min(shape) above GRAM_LIMIT, so 'auto' runs the Krylov solver; both orientations and a square one
+SHAPES = [(640, 288), (288, 640), (320, 320)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fast_path_factors_capture_the_exact_top_r_of_w_geo(shape):
+    torch.manual_seed(0)
+    w = trained_like(shape, seed=sum(shape))
+    assert min(shape) > F.GRAM_LIMIT
+    dec = geora_decompose(w, 16)  # the defaults: solver 'auto' -> Krylov
+    w_geo = w * (dec.masks.spectral | dec.masks.euclidean)
+    b0a0 = dec.factors.B.double() @ dec.factors.A.double()  # paper convention: U S V^T
+    assert float(b0a0.square().sum()) / exact_top_energy(w_geo, 16) >= QUALITY
+    # and the exact path on the same matrix gives the same product up to the (tiny) missing energy
+    exact = geora_decompose(w, 16, solver="exact")
+    assert torch.equal(exact.masks.euclidean, dec.masks.euclidean)  # thresholds are exact in both
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_krylov_solver_on_a_flat_masked_spectrum(shape):
+    """A masked random matrix has a flat top spectrum (sigma_17 ~ sigma_16), where plain subspace iteration stalls."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(shape, generator=gen)
+    masked = w * (w.abs() <= magnitude_threshold(w, 0.35))
+    s = torch.linalg.svdvals(masked)
+    assert s[16] / s[15] > 0.98  # flat: the hard case
+    u, sv, vh = krylov_svd(masked, 16)
+    assert captured(u, sv, vh, masked, 16) >= QUALITY
+    # orthonormal factors, singular values sorted and consistent with the factors
+    eye = torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(u.double().T @ u.double(), eye, atol=1e-4, rtol=0)
+    torch.testing.assert_close(vh.double() @ vh.double().T, eye, atol=1e-4, rtol=0)
+    assert torch.all(sv[:-1] >= sv[1:])
+    torch.testing.assert_close(sv, s[:16], rtol=2e-3, atol=0)
+    # the former default (subspace iteration, q = r + 16, 4 power iterations) is measurably worse here
+    u4, s4, vh4 = F.randomized_svd(masked, 16, niter=4, oversample=16)
+    assert captured(u4, s4, vh4, masked, 16) < captured(u, sv, vh, masked, 16)
+
+
+def test_krylov_is_at_least_as_good_as_subspace_iteration_with_the_same_budget():
+    w = trained_like((500, 300), seed=11)
+    masked = w * (w.abs() <= magnitude_threshold(w, 0.4))
+    for niter in (2, 4):
+        krylov = captured(*krylov_svd(masked, 8, niter=niter, oversample=8, tol=0.0), masked, 8)
+        power = captured(*F.randomized_svd(masked, 8, niter=niter, oversample=8), masked, 8)
+        assert krylov >= power - 1e-6
+
+
+@pytest.mark.parametrize("shape", [(200, 120), (120, 200), (256, 300)])
+def test_gram_path_is_exact(shape):
+    w = trained_like(shape, seed=5)
+    u, s, vh = gram_svd(w, 12)
+    ue, se, vhe = torch.linalg.svd(w.double(), full_matrices=False)
+    torch.testing.assert_close(s.double(), se[:12], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close((u * s) @ vh, ((ue[:, :12] * se[:12]) @ vhe[:12]).float(), rtol=1e-3, atol=1e-4)
+    # 'auto' takes this path for short sides up to GRAM_LIMIT
+    for a, b in zip(truncated_svd(w, 12), (u, s, vh)):
+        assert torch.equal(a, b)
+
+
+def test_rank_deficient_and_zero_matrices_fall_back_to_lapack():
+    gen = torch.Generator().manual_seed(0)
+    low = torch.randn(400, 3, generator=gen) @ torch.randn(3, 300, generator=gen)  # rank 3 < r = 8
+    for matrix in (low, torch.zeros(400, 300)):
+        for solver in ("auto", "randomized"):
+            u, s, vh = truncated_svd(matrix, 8, solver=solver)
+            assert u.shape == (400, 8) and s.shape == (8,) and vh.shape == (8, 300)
+            assert torch.isfinite(u).all() and torch.isfinite(s).all() and torch.isfinite(vh).all()
+            torch.testing.assert_close((u * s) @ vh, matrix, atol=1e-4, rtol=1e-4)
+
+
+def test_exact_solver_is_still_available_and_matches_lapack():
+    w = trained_like((300, 280), seed=9)
+    u, s, vh = truncated_svd(w, 10, solver="exact")
+    ue, se, vhe = torch.linalg.svd(w, full_matrices=False)
+    assert torch.equal(s, se[:10]) and torch.equal(u, ue[:, :10]) and torch.equal(vh, vhe[:10])
+    tail = truncated_svd(w, 4, components="tail")  # 'auto' keeps LAPACK for the tail
+    assert torch.equal(tail[1], se[-4:])
+
+
+# ---------------------------------------------------------------- selection
+
+
+def sorted_kth(values: torch.Tensor, k: int) -> torch.Tensor:
+    return values.reshape(-1).sort().values[k - 1]
+
+
+def test_kth_smallest_matches_sort_above_one_million_entries_with_ties():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1200, 1000, generator=gen)  # 1.2M entries: the bracketing path
+    x[::3, ::5] = 0.25  # many ties, some right at quantiles
+    x[5, :] = -0.0
+    x[7, :] = 0.0
+    n = x.numel()
+    assert n > F._DIRECT_SELECT_LIMIT
+    for k in (1, 2, 1000, quantile_rank(0.2, n), n // 2, quantile_rank(0.8, n), n - 1, n):
+        assert kth_smallest(x, k).item() == sorted_kth(x, k).item(), k
+
+
+def test_kth_smallest_on_magnitudes_gives_sort_based_masks():
+    w = student_t((1100, 1000), torch.Generator().manual_seed(2)) * 0.02
+    w[::11] = 0.01  # ties at many magnitudes
+    mags = w.abs()
+    for rho in (0.2, 0.05, 0.5):
+        k = quantile_rank(rho, mags.numel())
+        tau = magnitude_threshold(w, rho)
+        assert tau.item() == sorted_kth(mags, k).item()
+        assert torch.equal(mags <= tau, mags <= sorted_kth(mags, k))
+        assert int((mags <= tau).sum()) >= k > int((mags < tau).sum())
+
+
+def test_masks_equal_a_sort_based_reference_on_a_large_matrix():
+    w = trained_like((1100, 1000), seed=4)  # 1.1M entries
+    masks = geora_masks(w, rho=0.2, spectral_rank=16, solver="exact")
+    mags = w.abs()
+    k = quantile_rank(0.2, w.numel())
+    assert torch.equal(masks.euclidean, mags <= sorted_kth(mags, k))
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    w_k = ((u[:, :16] * s[:16]) @ vh[:16]).abs()
+    assert torch.equal(masks.spectral, w_k <= sorted_kth(w_k, k))
+
+
+def test_kth_smallest_exact_when_the_bracket_misses(monkeypatch):
+    """A zero-width bracket almost always misses: the fallback must still be exact."""
+    monkeypatch.setattr(F, "_SELECT_SIGMAS", 0.0)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(300_000, generator=gen)
+    for k in (17, 60_000, 150_001, 299_990):
+        for seed in range(3):
+            assert kth_smallest(x, k, seed=seed).item() == sorted_kth(x, k).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int32])
+def test_kth_smallest_other_dtypes(dtype):
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(200_000, generator=gen) * 100).to(dtype)
+    for k in (1, 40_000, 123_457, 200_000):
+        assert kth_smallest(x, k).item() == sorted_kth(x, k).item()
+
+
+def test_kth_smallest_uses_and_respects_the_workspace():
+    x = torch.rand(500, 400)
+    work = torch.full((500 * 400 + 7,), 3.0)
+    k = quantile_rank(0.2, x.numel())
+    before = x.clone()
+    assert kth_smallest(x, k, workspace=work).item() == sorted_kth(x, k).item()
+    assert torch.equal(x, before)
+    with pytest.raises(ValueError, match="k must lie"):
+        kth_smallest(x, 0)
+
+
+# ---------------------------------------------------------------- reproducibility
+
+
+def test_same_seed_gives_bitwise_the_same_factors_whatever_the_global_rng():
+    w = trained_like((640, 288), seed=21)
+    torch.manual_seed(0)
+    first = geora_decompose(w, 16, seed=7)
+    torch.manual_seed(12345)
+    torch.rand(1000)  # move the global generator
+    second = geora_decompose(w, 16, seed=7)
+    assert torch.equal(first.factors.A, second.factors.A) and torch.equal(first.factors.B, second.factors.B)
+    assert torch.equal(first.masks.spectral, second.masks.spectral)
+    assert torch.equal(first.masks.euclidean, second.masks.euclidean)
+    other = geora_decompose(w, 16, seed=8)
+    assert not torch.equal(other.factors.A, first.factors.A)
+    w_geo = w * (other.masks.spectral | other.masks.euclidean)
+    assert float((other.factors.B.double() @ other.factors.A.double()).square().sum()) >= QUALITY * exact_top_energy(
+        w_geo, 16
+    )
+
+
+def test_global_rng_is_not_consumed():
+    w = trained_like((640, 288), seed=22)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    geora_decompose(w, 16)
+    kth_smallest(torch.rand(300_000, generator=torch.Generator().manual_seed(0)), 1000)
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.slow
+def test_smollm2_layers_meet_the_quality_target(smollm2_path):
+    """The real target: on SmolLM2, every projection type of the first and last layer captures >= 0.999."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(smollm2_path / "model.safetensors"))
+    names = [k for k in weights if k.endswith("proj.weight") and (".layers.0." in k or ".layers.29." in k)]
+    assert len(names) == 14
+    for name in names:
+        w = weights[name].float()
+        dec = geora_decompose(w, 16)
+        w_geo = w * (dec.masks.spectral | dec.masks.euclidean)
+        energy = float((dec.factors.B.double() @ dec.factors.A.double()).square().sum())
+        assert energy >= QUALITY * exact_top_energy(w_geo, 16), name
