@@ -44,7 +44,7 @@ from peft_geora.functional import geora_decompose, kth_smallest, quantile_rank
 
 logger = logging.getLogger("init_speed")
 
-FAST_METHODS = ("lora", "pissa_niter_4", "geora", "geora_niter_4")
+FAST_METHODS = ("lora", "pissa_niter_4", "geora")
 SLOW_METHODS = ("geora_exact", "pissa")
 DESCRIPTIONS = {
     "lora": "PEFT LoRA, default init",
@@ -52,7 +52,7 @@ DESCRIPTIONS = {
     "pissa": "PEFT PiSSA, full SVD",
     "geora": "GeoRA, defaults (svd_solver='auto')",
     "geora_exact": "GeoRA, svd_solver='exact'",
-    "geora_niter_4": "GeoRA, svd_niter=4 (speed-matched, not the default)",
+    "geora_niter_N": "GeoRA, svd_niter=N (--extra-niter; a cheaper, less accurate setting, not the default)",
 }
 
 
@@ -105,8 +105,8 @@ def method_config(method: str, r: int):
         return GeoRAConfig(**common)
     if method == "geora_exact":
         return GeoRAConfig(**common, svd_solver="exact")
-    if method == "geora_niter_4":
-        return GeoRAConfig(**common, svd_niter=4)
+    if method.startswith("geora_niter_"):
+        return GeoRAConfig(**common, svd_niter=int(method.rsplit("_", 1)[1]))
     raise ValueError(method)
 
 
@@ -115,17 +115,44 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_init(base: torch.nn.Module, method: str, args: argparse.Namespace) -> tuple[float, torch.nn.Module]:
-    """Seconds ``get_peft_model`` takes on a fresh copy of ``base``; returns the PEFT model too."""
+class DecomposeTimer:
+    """Seconds spent inside ``geora_decompose`` (the torch-only math) while GeoRA layers initialise."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.seconds = device, 0.0
+
+    def __enter__(self) -> DecomposeTimer:
+        import peft_geora.layer as layer
+
+        self._layer, self._original = layer, layer.geora_decompose
+
+        def timed(*a, **kw):
+            start = time.perf_counter()
+            out = self._original(*a, **kw)
+            _sync(self.device)
+            self.seconds += time.perf_counter() - start
+            return out
+
+        layer.geora_decompose = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._layer.geora_decompose = self._original
+
+
+def time_init(base: torch.nn.Module, method: str, args: argparse.Namespace) -> tuple[float, float, torch.nn.Module]:
+    """Seconds ``get_peft_model`` takes on a fresh copy of ``base``, of which in ``geora_decompose``; the model."""
     from peft import get_peft_model
 
     model = copy.deepcopy(base)
     gc.collect()
     _sync(args.device)
-    start = time.perf_counter()
-    peft_model = get_peft_model(model, method_config(method, args.r))
-    _sync(args.device)
-    return time.perf_counter() - start, peft_model
+    with DecomposeTimer(args.device) as timer:
+        start = time.perf_counter()
+        peft_model = get_peft_model(model, method_config(method, args.r))
+        _sync(args.device)
+        seconds = time.perf_counter() - start
+    return seconds, timer.seconds, peft_model
 
 
 def target_modules(peft_model: torch.nn.Module):
@@ -169,13 +196,15 @@ def layer_quality(weight: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, conf
         seed=config.svd_seed,
     )
     dec = geora_decompose(w, r, **settings)
-    reproduced = torch.equal(dec.factors.A.cpu(), a0.float().cpu()) and torch.equal(
-        dec.factors.B.cpu(), b0.float().cpu()
+    # the layer keeps the factors in its own dtype: compare after the same cast
+    reproduced = torch.equal(dec.factors.A.to(a0.dtype).cpu(), a0.cpu()) and torch.equal(
+        dec.factors.B.to(b0.dtype).cpu(), b0.cpu()
     )
     union = dec.masks.spectral | dec.masks.euclidean
     w_geo = w * union
     exact_energy, _ = exact_topk_energy_and_wk(w_geo, r, want_wk=False)
-    captured = float((b0.double() @ a0.double()).square().sum()) / exact_energy
+    # the solver's factors (fp32); the layer may store them rounded to the model's dtype
+    captured = float((dec.factors.B.double() @ dec.factors.A.double()).square().sum()) / exact_energy
     k_spec = config.spectral_rank or r
     _, w_k = exact_topk_energy_and_wk(w, k_spec, want_wk=True)
     k = quantile_rank(config.rho, w.numel())
@@ -362,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--memory-full-svd", action="store_true", help="also probe memory of the full-SVD methods")
     parser.add_argument("--quality-layers", type=int, default=None, help="check at most this many layers' quality")
+    parser.add_argument("--extra-niter", type=int, default=8, help="also run GeoRA with this svd_niter (0: no)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
@@ -375,21 +405,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     slow = () if (args.shape and not args.with_full_svd) else SLOW_METHODS
+    fast = FAST_METHODS + ((f"geora_niter_{args.extra_niter}",) if args.extra_niter else ())
     base = build_model(args)
     matrix_bytes, layer_bytes = largest_target_bytes(base)
     load_before = os.getloadavg()
-    times: dict[str, list[float]] = {m: [] for m in FAST_METHODS + slow}
+    times: dict[str, list[float]] = {m: [] for m in fast + slow}
+    decompose: dict[str, list[float]] = {m: [] for m in fast + slow}
     kept: dict[str, torch.nn.Module] = {}
     schedule = [  # interleaved rounds: the fast methods every round, the slow ones in the first rounds
         method
         for rep in range(max(args.repeats, args.slow_repeats))
-        for method in (FAST_METHODS if rep < args.repeats else ()) + (slow if rep < args.slow_repeats else ())
+        for method in (fast if rep < args.repeats else ()) + (slow if rep < args.slow_repeats else ())
     ]
     for method in tqdm(schedule, desc="timing"):
-        seconds, peft_model = time_init(base, method, args)
+        seconds, in_decompose, peft_model = time_init(base, method, args)
         times[method].append(seconds)
-        logger.info("%-14s %.2f s", method, seconds)
-        if method in ("geora", "geora_niter_4") and method not in kept:
+        decompose[method].append(in_decompose)
+        logger.info("%-14s %.2f s (geora_decompose %.2f s)", method, seconds, in_decompose)
+        if method.startswith("geora") and method != "geora_exact" and method not in kept:
             kept[method] = peft_model
         else:
             del peft_model
@@ -405,14 +438,15 @@ def main(argv: list[str] | None = None) -> int:
 
     memory = {}
     if not args.no_memory:
-        probe = list(FAST_METHODS) + ([m for m in slow] if args.memory_full_svd else [])
+        probe = list(fast) + (list(slow) if args.memory_full_svd else [])
         for method in tqdm(probe, desc="memory"):
             memory[method] = run_probe_subprocess(method, args)
 
     median = {m: statistics.median(v) for m, v in times.items() if v}
     ref = median.get("pissa_niter_4")
-    rows = [["method", "init s (median)", "runs", "x LoRA", "x PiSSA niter_4", "x PiSSA full", "peak MB", "transient"]]
-    for method in FAST_METHODS + slow:
+    rows = [["method", "init s (median)", "in decompose", "runs", "x LoRA", "x PiSSA niter_4", "x PiSSA full"]]
+    rows[0] += ["peak MB", "transient"]
+    for method in fast + slow:
         if method not in median:
             continue
         mem = memory.get(method)
@@ -420,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 method,
                 f"{median[method]:.2f}",
+                f"{statistics.median(decompose[method]):.2f}" if method.startswith("geora") else "-",
                 str(len(times[method])),
                 f"{median[method] / median['lora']:.1f}",
                 f"{median[method] / ref:.2f}",
@@ -487,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             "descriptions": DESCRIPTIONS,
             "seconds": times,
             "median_seconds": median,
+            "seconds_in_geora_decompose": decompose,
             "geora_over_pissa_niter_4_per_round": ratios,
             "memory": memory,
             "largest_target_fp32_mb": matrix_bytes / 2**20,

@@ -12,24 +12,29 @@ For a weight ``W`` (out x in) and rank ``r``:
 The rho-quantile of ``n`` magnitudes is their k-th smallest value with ``k = ceil(rho * n)`` (at least 1), and a
 mask keeps every entry ``<=`` it, so ties are all kept. Everything is computed in float32 (float64 stays float64).
 
-How it is made fast (choices measured on SmolLM2-135M, 2 CPU cores; see ``benchmarks/README.md``):
+How it is made fast (chosen by measurement on SmolLM2-135M, one CPU core, see ``benchmarks/README.md``):
 
-* Truncated SVDs (``solver="auto"``). Tail components use LAPACK. A matrix whose short side is at most
-  ``GRAM_LIMIT`` (256) is solved exactly through the eigendecomposition of its small Gram matrix. Larger ones use
-  :func:`krylov_svd`, a seeded randomized block Krylov method (block Lanczos with full re-orthogonalisation and a
-  Rayleigh-Ritz step on the Gram of the Krylov basis) that stops once the top-r energy of the Ritz values has
-  converged (relative gain per step below ``KRYLOV_TOL``) or after ``niter`` steps. ``W_geo`` has a flat spectrum
-  (sigma_17 / sigma_16 ~ 0.99 on SmolLM2), where plain subspace iteration stalls: the former default (range finder,
-  q = r + 16, 4 power iterations) captured as little as 0.949 of the exact top-16 energy, this solver >= 0.999 on
-  every layer for about as many matrix products as PiSSA's ``niter_4`` sketch spends per SVD. Warm-starting the
-  ``W_geo`` solve from ``W``'s singular subspace was measured and did not help (the two subspaces are unrelated).
-* Thresholds (:func:`kth_smallest`): exact order statistics without sorting. A seeded sample brackets the answer
-  within a few standard errors, one pass counts the entries below the bracket and gathers the few inside, and
-  ``kthvalue`` runs on those only (``kthvalue`` on a full 885k-entry MLP matrix costs ~15 ms on one core, the
-  bracket ~2 ms). Counting uses float comparisons, which are several times faster than boolean ones on CPU.
-* No work twice: ``|W|`` is computed once for the threshold and the mask; ``W_k`` is formed into the same buffer
-  and only its magnitudes are kept; ``W_geo`` reuses that buffer again. Besides the fp32 copy of the weight (free
-  for fp32 weights), the peak workspace is about two fp32 matrices plus three boolean masks.
+* Truncated SVDs, ``solver="auto"``: LAPACK for tail components; an exact eigensolve of the small Gram matrix when
+  ``min(out, in) <= GRAM_LIMIT`` (256); otherwise :func:`krylov_svd`, a seeded randomized block Krylov method
+  (block Lanczos with full re-orthogonalisation, Rayleigh-Ritz on the projected Gram, fp32) that stops when the
+  captured top-r energy has converged (``KRYLOV_TOL``), with ``niter`` only a cap. ``W_geo`` has a flat spectrum
+  (sigma_17 / sigma_16 ~ 0.99), and so has ``W`` near its 16th value: the former default (subspace iteration,
+  q = r + 16, 4 power iterations) captured as little as 0.942 of the exact top-16 energy of ``W_geo``, and its
+  spectral masks agreed with the exact ones on only 83% of the entries. Block Krylov with blocks of r/2 reaches
+  >= 0.9998 on every SmolLM2 layer in 8 to 20 steps (median 15) and its spectral masks agree on 99.3% of the
+  entries (the rest sit at the threshold of a W_k that is ill-conditioned where sigma_16 ~ sigma_17). Blocks of r
+  took 1.9x longer for the same energy, blocks of 4-6 were slower again (narrow products), larger tolerances
+  failed 0.999 on random 7B-shaped matrices, and warm-starting the ``W_geo`` solve from ``W``'s singular subspace
+  did not help (the subspaces are unrelated). Reaching 0.999 on such flat spectra takes ~130 Krylov vectors per
+  SVD, two SVDs per weight, where PiSSA's ``niter_4`` sketch uses 80 in one SVD at lower accuracy (0.90 to 0.93 of
+  the top-16 energy of ``W_geo``): that bounds how close to PiSSA's speed an accurate GeoRA init can get.
+* Thresholds (:func:`kth_smallest`): exact order statistics without sorting. A seeded sample of 8 sqrt(n) entries
+  brackets the answer within 5 standard errors, one pass counts the entries below the bracket and gathers the ~4%
+  inside, and ``kthvalue`` runs on those only: 2.8 ms instead of 12 ms for an 885k-entry MLP matrix on one core
+  (a sort takes 100 ms). Indicators are written as floats: float comparisons vectorise on CPU, boolean ones do not.
+* No work twice: ``|W|`` is computed once for its threshold and its mask; ``W_k`` is formed in the same buffer and
+  only its magnitudes are kept; the kept-entry indicator and ``W_geo`` reuse that buffer again. The workspace is two
+  fp32 matrices plus the masks (plus the fp32 copy of a half-precision weight), freed before the next layer.
 
 Everything is seeded by ``seed`` through private generators, so results do not depend on the global RNG state.
 """
@@ -50,7 +55,7 @@ COMPONENTS: tuple[str, ...] = ("head", "tail")
 SOLVERS: tuple[str, ...] = ("auto", "exact", "randomized")
 
 # Default solver settings (GeoRAConfig's svd_niter / svd_oversample mirror these).
-DEFAULT_NITER = 64  # at most this many Krylov steps; the tolerance stops far earlier (12 to 22 on SmolLM2)
+DEFAULT_NITER = 64  # at most this many Krylov steps; the tolerance stops far earlier (8 to 20 on SmolLM2)
 DEFAULT_OVERSAMPLE = 0  # extra vectors per Krylov block, see krylov_block
 KRYLOV_TOL = 2e-4  # stop when r new Krylov vectors raise the top-r Ritz energy by less than this fraction
 GRAM_LIMIT = 256  # 'auto' solves matrices with min(out, in) <= this exactly through their Gram matrix
@@ -112,7 +117,10 @@ def quantile_rank(rho: float, n: int) -> int:
 
 def _count(indicator: torch.Tensor) -> int:
     """Exact number of ones in a flat 0/1 float tensor (fp32 sums of 0/1 are exact up to 2^24 per chunk)."""
-    return sum(int(chunk.sum()) for chunk in indicator.split(1 << 24))
+    chunk = 1 << 24
+    if indicator.numel() <= chunk:
+        return int(indicator.sum())
+    return sum(int(indicator[i : i + chunk].sum()) for i in range(0, indicator.numel(), chunk))
 
 
 def kth_smallest(
@@ -173,8 +181,8 @@ def randomized_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD by a seeded randomized range finder with ``niter`` QR-stabilised power iterations.
 
-    Plain subspace iteration, kept for callers that want its fixed cost; :func:`krylov_svd` (used by
-    ``truncated_svd(solver="randomized")``) reaches a higher accuracy for the same number of products.
+    Plain subspace iteration with a fixed cost, kept for callers that want it (the diagnostics);
+    :func:`krylov_svd`, used by ``truncated_svd(solver="randomized")``, needs far fewer products on flat spectra.
     """
     m, n = matrix.shape
     q = min(rank + oversample, m, n)
@@ -187,7 +195,9 @@ def randomized_svd(
     return (basis @ u_small)[:, :rank], s[:rank], vh[:rank]
 
 
-def _exact_svd(matrix: torch.Tensor, rank: int, components: Components = "head"):
+def _exact_svd(
+    matrix: torch.Tensor, rank: int, components: Components = "head"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     if components == "head":
         return u[:, :rank], s[:rank], vh[:rank]
@@ -221,7 +231,7 @@ def gram_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     m, n = matrix.shape
     tall = m >= n
     rows = matrix.T if tall else matrix  # the short side's unit vectors mapped through A, as rows
-    _, vecs = torch.linalg.eigh(rows @ rows.T)
+    _, vecs = _small_eigh(rows @ rows.T, vectors=True)
     coeffs = vecs[:, -rank:].flip(-1).T  # (r x small)
     out = _from_ritz(coeffs, coeffs @ rows, tall)
     return out if out is not None else _exact_svd(matrix, rank)
