@@ -4,13 +4,15 @@ GeoRA keeps the base weight ``W`` untouched and subtracts the frozen initial pro
 ``h = W x + s (B A x - B0 A0 x)``. Putting the anchor inside the two factor modules makes every PEFT LoRA layer
 type compute that, since they all evaluate ``lora_B(lora_A(dropout(x))) * scaling``:
 
-* :class:`AnchoredA` maps ``x`` to ``[A x ; A0 x]`` (last dim ``2r``); its effective ``weight`` is ``[A; A0]``.
-* :class:`AnchoredB` maps ``[h ; h0]`` to ``B h - B0 h0``; its effective ``weight`` is ``[B, -B0]``.
+* :class:`AnchoredA` maps ``x`` to ``[(A - A0) x ; A0 x]`` (last dim ``2r``), one matmul.
+* :class:`AnchoredB` maps ``[d ; h0]`` to ``B d + (B - B0) h0``, one matmul.
 
-So ``lora_B.weight @ lora_A.weight == B A - B0 A0``: the adapter *is* a rank-2r LoRA on the original ``W``, which is
-how it is exported. The two halves are computed by separate, identically shaped matmuls, so at initialisation
-(``A == A0``, ``B == B0``) the difference is exactly zero in any dtype. ``A`` and ``B`` are trainable parameters
-(``factor``); ``A0`` and ``B0`` are persistent buffers (``anchor``), saved with the adapter and never trained.
+Together that is ``B A x - B0 A0 x``. At initialisation (``A == A0``, ``B == B0``) both differences are exactly zero,
+so the adapter's output is exactly zero in any dtype, and no full-size subtraction is spent on the activations (the
+cost is that of a rank-2r LoRA). The effective weights, for export and inspection, are ``[A; A0]`` and ``[B, -B0]``:
+``lora_B.weight @ lora_A.weight == B A - B0 A0``, so the adapter *is* a rank-2r LoRA on the original ``W``, which is
+how it is exported. ``A`` and ``B`` are trainable parameters (``factor``); ``A0`` and ``B0`` are persistent buffers
+(``anchor``), saved with the adapter and never trained.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ class _Anchored(nn.Module):
 
 
 class AnchoredA(_Anchored):
-    """``lora_A`` of GeoRA: ``x -> [A x ; A0 x]``, with ``A`` and ``A0`` of shape (r x in)."""
+    """``lora_A`` of GeoRA: ``x -> [(A - A0) x ; A0 x]``, with ``A`` and ``A0`` of shape (r x in).
+
+    Its ``weight`` (for export and inspection) is ``[A; A0]``, the rank-2r LoRA A that pairs with ``[B, -B0]``.
+    """
 
     # shapes are read from the anchor: a buffer, never emptied by ZeRO-3's parameter partitioning
 
@@ -89,15 +94,20 @@ class AnchoredA(_Anchored):
         return torch.cat([self.factor, self.anchor_like_factor()], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[(A - A0) x ; A0 x]``: exactly zero in the first half while ``A == A0``."""
         self.check_ready()
-        return torch.cat([F.linear(x, self.factor), F.linear(x, self.anchor_like_factor())], dim=-1)
+        anchor = self.anchor_like_factor()
+        return F.linear(x, torch.cat([self.factor - anchor, anchor], dim=0))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rank={self.rank} (+{self.rank} anchored)"
 
 
 class AnchoredB(_Anchored):
-    """``lora_B`` of GeoRA: ``[h ; h0] -> B h - B0 h0``, with ``B`` and ``B0`` of shape (out x r)."""
+    """``lora_B`` of GeoRA: ``[d ; h0] -> B d + (B - B0) h0``, with ``B`` and ``B0`` of shape (out x r).
+
+    Its ``weight`` (for export and inspection) is ``[B, -B0]``, the rank-2r LoRA B that pairs with ``[A; A0]``.
+    """
 
     @property
     def rank(self) -> int:
@@ -121,8 +131,8 @@ class AnchoredB(_Anchored):
         return torch.cat([self.factor, -self.anchor_like_factor()], dim=1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h_train, h_anchor = h.chunk(2, dim=-1)
-        return F.linear(h_train, self.factor) - F.linear(h_anchor, self.anchor_like_factor())
+        """``[d ; h0] -> B d + (B - B0) h0``: with ``d = (A - A0) x`` from AnchoredA, ``B A x - B0 A0 x``."""
+        return F.linear(h, torch.cat([self.factor, self.factor - self.anchor_like_factor()], dim=1))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank} (+{self.rank} anchored), out_features={self.out_features}"

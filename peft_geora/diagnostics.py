@@ -303,11 +303,12 @@ def decomposition_report(dec: GeoRADecomposition) -> dict[str, float]:
     energy kept by the mask and the share of it the rank-r factors capture. Also the layers' ``geora_reports``."""
     spectral, euclidean = dec.masks
     n = spectral.numel()
-    overlap = int((spectral & euclidean).sum())
-    union = int((spectral | euclidean).sum())
+    overlap = int(torch.count_nonzero(spectral & euclidean))
+    spectral_count, euclidean_count = int(torch.count_nonzero(spectral)), int(torch.count_nonzero(euclidean))
+    union = spectral_count + euclidean_count - overlap
     return {
-        "spectral_coverage": int(spectral.sum()) / n,
-        "euclidean_coverage": int(euclidean.sum()) / n,
+        "spectral_coverage": spectral_count / n,
+        "euclidean_coverage": euclidean_count / n,
         "union_coverage": union / n,
         "overlap": overlap / n,
         "jaccard": overlap / union if union else 0.0,

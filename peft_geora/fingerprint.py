@@ -73,11 +73,12 @@ def weight_fingerprint(weight: torch.Tensor, quantized: tuple[str, int, float] |
     another precision can be recognised (:func:`fingerprints_match`).
     """
     flat = weight.detach().reshape(-1)
-    w64 = flat.to(torch.float64)
+    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # squares exact enough
+    sums = [float(work.abs().sum(dtype=torch.float64)), float(work.square().sum(dtype=torch.float64))]
     indices = _probe_indices(flat.numel())
     fingerprint = {
         "dtype": str(weight.dtype).removeprefix("torch."),
-        "values": [float(w64.abs().sum()), float(w64.square().sum()), *(float(flat[i]) for i in indices)],
+        "values": [*sums, *(float(flat[i]) for i in indices)],
     }
     if quantized is not None:
         kind, block, half_step = quantized

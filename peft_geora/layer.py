@@ -59,6 +59,11 @@ def bnb_layer_kind(layer: nn.Module) -> str | None:
     return None
 
 
+def _all_finite(weight: torch.Tensor) -> bool:
+    """No NaN or Inf in ``weight``: two reductions (NaN propagates through both), no full-size temporary."""
+    return bool(torch.isfinite(weight.amax()) and torch.isfinite(weight.amin()))
+
+
 def check_target(layer: nn.Module, name: str, r: int) -> None:
     """Raise a clear error if GeoRA cannot be applied to ``layer`` (called before anything is modified)."""
     kind = bnb_layer_kind(layer)
@@ -91,7 +96,7 @@ def check_target(layer: nn.Module, name: str, r: int) -> None:
             f"GeoRA: rank r={r} is larger than min(out, in)={min(out_features, in_features)} of target module "
             f"'{name}' (shape {out_features} x {in_features}). Lower r or use rank_pattern."
         )
-    if not is_zero3_param(weight) and not torch.isfinite(weight).all():
+    if not is_zero3_param(weight) and not _all_finite(weight):
         raise ValueError(f"GeoRA: the weight of target module '{name}' contains NaN or Inf values")
 
 

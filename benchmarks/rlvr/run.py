@@ -50,6 +50,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
                 str(args.num_generations),
             ]
             command += ["--eval-size", str(args.eval_size), "--out", str(path)]
+            command += ["--before-cache", str(runs_dir / f"base_seed{seed}_eval{args.eval_size}.json")]
             if args.model:
                 command += ["--model", args.model]
             subprocess.run(command, check=True)

@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--before-cache",
+        default=None,
+        help="JSON file with the base model's metrics for this seed and evaluation set: read if present, else written",
+    )
     args = parser.parse_args(argv)
 
     from trl import GRPOConfig, GRPOTrainer
@@ -93,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     sets.update({name: make_problems(tasks, args.eval_size, seed=99) for name, tasks in OOD_TASKS.items()})
     kl_batch = continuation_batch(model, tokenizer, GENERAL_PROMPTS)
     base_logits = logits_on(model, kl_batch)
-    before = evaluate(model, tokenizer, sets, kl_batch, base_logits, args.max_new_tokens)
+    cache = Path(args.before_cache) if args.before_cache else None
+    if cache is not None and cache.exists():
+        before = json.loads(cache.read_text())  # the base model's scores do not depend on the method
+    else:
+        before = evaluate(model, tokenizer, sets, kl_batch, base_logits, args.max_new_tokens)
+        if cache is not None:
+            cache.write_text(json.dumps(before, indent=2))
     weights_before = effective_linear_weights(model)
 
     grpo = GRPOConfig(
