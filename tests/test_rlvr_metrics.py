@@ -65,5 +65,9 @@ def test_methods_and_probes():
     assert (milora.priors, milora.components) == ("none", "tail")
     assert method_config("pissa", 16, 32).init_lora_weights == "pissa_niter_4"
     item = RETAINED_SKILL[0]
-    assert item.answer == "Tuesday" and skill_correct("Tuesday.", item) and not skill_correct("Monday", item)
-    assert not skill_correct("", item)
+    assert item.answer == "Paris" and skill_correct("The capital of France is Paris.", item)
+    assert skill_correct("PARIS", item) and not skill_correct("Lyon", item) and not skill_correct("", item)
+    assert not skill_correct("Parisian food", item)  # whole words only
+    two_words = next(i for i in RETAINED_SKILL if " " in i.answer)
+    assert skill_correct(f"It is {two_words.answer}.", two_words)
+    assert not skill_correct(two_words.answer.split()[0], two_words)

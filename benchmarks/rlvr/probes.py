@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 GENERAL_PROMPTS = [
@@ -33,32 +34,36 @@ class SkillItem:
         return [{"role": "user", "content": self.question}]
 
 
-# A skill the base model has and the arithmetic training does not ask for: naming the next day/month.
-_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-_MONTHS = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-]
+# A skill the base model has and the arithmetic training does not ask for: naming capital cities. (A first probe,
+# naming the next day or month, was dropped: the base model got about half of the days and few months right.)
+_CAPITALS = {
+    "France": "Paris",
+    "Italy": "Rome",
+    "Germany": "Berlin",
+    "Spain": "Madrid",
+    "Japan": "Tokyo",
+    "Russia": "Moscow",
+    "England": "London",
+    "Egypt": "Cairo",
+    "Greece": "Athens",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Ireland": "Dublin",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Poland": "Warsaw",
+    "Thailand": "Bangkok",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Argentina": "Buenos Aires",
+    "South Korea": "Seoul",
+}
 
-RETAINED_SKILL = [
-    SkillItem(f"Which day comes after {d}? Reply with one word.", _DAYS[(i + 1) % 7]) for i, d in enumerate(_DAYS)
-] + [
-    SkillItem(f"Which month comes after {m}? Reply with one word.", _MONTHS[(i + 1) % 12])
-    for i, m in enumerate(_MONTHS)
-]
+RETAINED_SKILL = [SkillItem(f"What is the capital of {country}?", city) for country, city in _CAPITALS.items()]
 
 
 def skill_correct(reply: str, item: SkillItem) -> bool:
-    """The first word of the reply names the right day or month."""
-    words = reply.strip().split()
-    return bool(words) and words[0].strip(".,!").lower() == item.answer.lower()
+    """The reply names the right city (as whole words, any case): "The capital of France is Paris." counts."""
+    words = re.findall(r"[a-z]+", reply.lower())
+    answer = item.answer.lower().split()
+    return any(words[i : i + len(answer)] == answer for i in range(len(words)))

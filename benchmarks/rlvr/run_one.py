@@ -61,7 +61,7 @@ def method_config(method: str, r: int, alpha: int):  # noqa: ANN201
 
 def evaluate(model, tokenizer, sets: dict, kl_batch: dict, base_logits: torch.Tensor, tokens: int) -> dict:  # noqa: ANN001
     result = {name: greedy_accuracy(model, tokenizer, problems, tokens) for name, problems in sets.items()}
-    replies = greedy_replies(model, tokenizer, RETAINED_SKILL, max_new_tokens=6)
+    replies = greedy_replies(model, tokenizer, RETAINED_SKILL, max_new_tokens=10)
     result["retained_skill"] = sum(skill_correct(r, s) for r, s in zip(replies, RETAINED_SKILL)) / len(RETAINED_SKILL)
     result["general_kl"] = token_kl(logits_on(model, kl_batch), base_logits, kl_batch["kl_mask"])
     return result
