@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DemoSettings:
-    """Everything the demo run depends on (the defaults take about 10 minutes on 2 CPU cores)."""
+    """Everything the demo run depends on (the defaults take about 8 minutes on 2 idle CPU cores)."""
 
     steps: int = 20
     model: str | None = None
