@@ -11,6 +11,7 @@ from peft import LoraConfig
 
 from .functional import COMPONENTS, PRIORS, SOLVERS
 from .hub import write_model_card
+from .init_runtime import check_init_device
 from .registry import geora_peft_type
 
 # Version of the saved adapter format. A checkpoint with a higher version was written by an incompatible newer
@@ -115,6 +116,14 @@ class GeoRAConfig(LoraConfig):
         },
     )
     svd_seed: int = field(default=0, metadata={"help": "Seed of the randomized solver (init is reproducible)."})
+    init_device: str = field(
+        default="auto",
+        metadata={
+            "help": "Device of the decomposition: 'auto' uses the current GPU when the weight sits on the CPU and a "
+            "GPU is present (layer by layer, factors moved back), else the weight's device; or a torch device "
+            "('cpu', 'cuda', 'cuda:1'). Results agree across devices to rounding, not bitwise."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -190,6 +199,7 @@ class GeoRAConfig(LoraConfig):
                 "GeoRAConfig: components='tail' needs svd_solver='exact' or 'auto' (a randomized solver finds leading "
                 "components only), got svd_solver='randomized'"
             )
+        check_init_device(self.init_device)
         for name in ("svd_niter", "svd_oversample"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -28,6 +28,7 @@ from .diagnostics import decomposition_report
 from .distributed import broadcast_from_rank0, check_reachable, full_shape, gathered, is_zero3_param
 from .fingerprint import weight_fingerprint
 from .functional import geora_decompose
+from .init_runtime import advance, resolve_init_device
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class GeoRALayer:
             a0, b0 = torch.randn_like(a) / math.sqrt(self.in_features), torch.randn_like(b) / math.sqrt(r)
             awaiting = False
         else:
-            a0, b0, report = self._decomposition(adapter_name, config, key)
+            a0, b0, report = self._decomposition(adapter_name, config, key, target_name)
             a, b = a0.clone(), b0.clone()
             awaiting = False
         if not awaiting and base_weight.device.type != "meta":
@@ -177,19 +178,21 @@ class GeoRALayer:
         return None
 
     def _decomposition(
-        self, adapter_name: str, config: GeoRAConfig, key: tuple
+        self, adapter_name: str, config: GeoRAConfig, key: tuple, target_name: str
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Anchors for ``adapter_name``: reused from an adapter with the same settings, else computed."""
         other = self._reusable(adapter_name, key)
         if other is not None:
             logger.debug("reusing the GeoRA decomposition of adapter '%s' for '%s'", other, adapter_name)
             report = dict(self.geora_reports.get(other, {}), seconds=0.0, reused=1.0)
+            advance(target_name)
             return self.lora_A[other].anchor.clone(), self.lora_B[other].anchor.clone(), report
         start = time.perf_counter()
         with self._geora_weight() as matrix:
             divisor = self.scaling[adapter_name] if config.scale_convention == "pissa" else 1.0
+            device = resolve_init_device(config.init_device, matrix, target_name)
             dec = geora_decompose(
-                matrix,
+                matrix.to(device),
                 self.r[adapter_name],
                 rho=config.rho,
                 spectral_rank=config.spectral_rank,
@@ -203,6 +206,7 @@ class GeoRALayer:
             )
         report = dict(decomposition_report(dec), seconds=time.perf_counter() - start, reused=0.0)
         a0, b0 = broadcast_from_rank0(dec.factors, like=self.get_base_layer().weight)  # ZeRO-3: rank 0's
+        advance(target_name)
         return a0.cpu(), b0.cpu(), report
 
     @contextlib.contextmanager

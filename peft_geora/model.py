@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from peft.tuners.lora import LoraLayer, LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
 from peft.utils import _get_submodules
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -16,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from .checkpoint import validate_checkpoint
 from .config import GeoRAConfig
 from .fingerprint import ensure_load_hooks
+from .init_runtime import init_progress
 from .layer import GeoRALayer, GeoRALinear, bnb_layer_kind, check_target
 
 logger = logging.getLogger(__name__)
@@ -60,8 +62,11 @@ class GeoRAModel(LoraModel):
         checkpoint_dir = getattr(config, "_checkpoint_dir", None)
         if config.init_from_checkpoint and checkpoint_dir is not None:
             validate_checkpoint(checkpoint_dir, model)
+        decomposes = config.init_weights and not config.init_from_checkpoint
+        total = _count_targets(self, model, config) if decomposes else 0
         try:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            with init_progress(total, desc=f"GeoRA init ({adapter_name})"):
+                super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
             _remove_adapter_from_modules(model, adapter_name)
             raise
@@ -92,6 +97,14 @@ class GeoRAModel(LoraModel):
             for name, module in self.model.named_modules()
             if isinstance(module, GeoRALayer) and module.geora_reports.get(adapter_name)
         }
+
+
+def _count_targets(tuner: GeoRAModel, model: nn.Module, config: GeoRAConfig) -> int:
+    """How many modules ``config`` targets (the length of the progress bar), resolved on a copy as PEFT resolves
+    it (the model type's default targets, ``"all-linear"``)."""
+    resolved = tuner._prepare_adapter_config(copy.deepcopy(config), tuner.get_model_config(model))
+    resolved = _maybe_include_all_linear_layers(resolved, model)
+    return sum(bool(check_target_module_exists(resolved, name)) for name, _ in model.named_modules() if name)
 
 
 def _remove_adapter_from_modules(model: nn.Module, adapter_name: str) -> None:
