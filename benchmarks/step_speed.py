@@ -2,10 +2,11 @@
 
 Both adapters are put on the same base model (all linear projections, r=16, alpha=32) and trained on the same
 random token batch; steps alternate between the two methods (``--rounds`` rounds of ``--steps`` steps after
-``--warmup`` steps each), and medians and ratios are reported. GeoRA's forward adds ``B0 A0 x`` next to ``B A x``
-(two more rank-r products per adapted layer, see ``peft_geora/anchor.py``); ``--profile`` shows where the extra time
-goes with ``torch.profiler``. Peak memory during training: on CUDA ``max_memory_allocated``; on CPU one fresh
-subprocess per method samples its RSS (glibc told to return large blocks at once, as in ``init_speed.py``).
+``--warmup`` steps each), and medians and ratios are reported. GeoRA's adapter computes ``B A x - B0 A0 x`` as
+a rank-2r product (one matmul per factor, see ``peft_geora/anchor.py``) where LoRA's is rank r; ``--profile`` shows
+where the extra time goes with ``torch.profiler``. Peak memory during training: on CUDA ``max_memory_allocated``; on
+CPU one fresh subprocess per method samples its RSS (glibc told to return large blocks at once, as in
+``init_speed.py``).
 
 Examples::
 
