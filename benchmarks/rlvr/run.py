@@ -59,9 +59,9 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], fmt: str = ".3f") -> str:
     mean = statistics.fmean(values)
-    return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
+    return f"{mean:{fmt}}" if len(values) < 2 else f"{mean:{fmt}} ± {(max(values) - min(values)) / 2:{fmt}}"
 
 
 def table(results: list[dict], lr: float, full_ft_lr: float) -> str:
@@ -84,7 +84,7 @@ def table(results: list[dict], lr: float, full_ft_lr: float) -> str:
         last = statistics.fmean(statistics.fmean(r["reward_curve"][-5:]) for r in rows)
         cells.append(f"{first:.2f} → {last:.2f}")
         cells.append(_spread([r["geometry"]["s_head"] for r in rows]))
-        cells.append(_spread([r["geometry"]["spectral_shift"] for r in rows]))
+        cells.append(_spread([r["geometry"]["spectral_shift"] for r in rows], ".1e"))
         cells.append(f"{statistics.fmean(r['step_seconds'] for r in rows):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
