@@ -66,7 +66,16 @@ def _spread(values: list[float], fmt: str = ".3f") -> str:
 
 def table(results: list[dict], lr: float, full_ft_lr: float) -> str:
     """Markdown table: per method at its main learning rate, mean ± half-range over seeds."""
-    headers = ["method", "seeds", *[label for _, label in METRICS], "reward first→last 5", "S_head", "NSS", "s/step"]
+    headers = [
+        "method",
+        "seeds",
+        *[label for _, label in METRICS],
+        "reward first→last 5",
+        "S_head",
+        "NSS",
+        "s/step",
+        "peak RSS MB",
+    ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for method in METHODS:
         rows = [
@@ -86,6 +95,7 @@ def table(results: list[dict], lr: float, full_ft_lr: float) -> str:
         cells.append(_spread([r["geometry"]["s_head"] for r in rows]))
         cells.append(_spread([r["geometry"]["spectral_shift"] for r in rows], ".1e"))
         cells.append(f"{statistics.fmean(r['step_seconds'] for r in rows):.1f}")
+        cells.append(f"{statistics.fmean(r['peak_rss_mb'] for r in rows):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
