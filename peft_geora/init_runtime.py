@@ -25,7 +25,9 @@ def check_init_device(value: object) -> None:
     if value == "auto":
         return
     try:
-        torch.device(value)  # type: ignore[arg-type]
+        if not isinstance(value, str):  # a saved config must hold a string; torch.device(3) would mean cuda:3
+            raise TypeError(type(value).__name__)
+        torch.device(value)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(
             f"GeoRAConfig: init_device must be 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1', "
