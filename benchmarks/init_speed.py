@@ -338,22 +338,35 @@ def memory_probe(args: argparse.Namespace) -> dict:
     return {"peak_above_model_mb": peak / 2**20, "adapters_mb": final / 2**20, "transient_mb": (peak - final) / 2**20}
 
 
-def run_probe_subprocess(method: str, args: argparse.Namespace) -> dict | None:
-    """Run :func:`memory_probe` for ``method`` in a fresh interpreter; ``None`` if it failed."""
-    cmd = [sys.executable, __file__, "--probe", method, "--device", args.device, "--r", str(args.r)]
-    if args.model:
-        cmd += ["--model", args.model]
-    if args.shape:
-        cmd += ["--shape", args.shape]
-    if args.layers:
-        cmd += ["--layers", str(args.layers)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+def run_probe_script(script: str, method: str, args: argparse.Namespace, extra: list[str] = ()) -> dict | None:
+    """Run ``script --probe method`` (the common options of ``args`` plus ``extra``) in a fresh interpreter and
+    return the JSON its last output line holds; ``None`` if it failed. Shared with ``step_speed.py``."""
+    cmd = [sys.executable, script, "--probe", method, "--device", args.device, "--r", str(args.r), *extra]
+    for flag in ("model", "shape", "layers", "threads"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         logger.warning("memory probe for %s failed:\n%s", method, done.stderr[-2000:])
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_probe_subprocess(method: str, args: argparse.Namespace) -> dict | None:
+    """Run :func:`memory_probe` for ``method`` in a fresh interpreter; ``None`` if it failed."""
+    return run_probe_script(__file__, method, args)
+
+
+def machine_info(load_before: tuple[float, ...], load_after: tuple[float, ...]) -> dict:
+    """What the JSON results record about the machine and its load (shared with ``step_speed.py``)."""
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+    }
 
 
 def largest_target_bytes(base: torch.nn.Module) -> tuple[int, int]:
@@ -511,12 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "args": vars(args),
             "machine": {
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "loadavg_before": load_before,
-                "loadavg_after": load_after,
+                **machine_info(load_before, load_after),
                 "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
             },
             "descriptions": DESCRIPTIONS,

@@ -21,9 +21,7 @@ import gc
 import json
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,15 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from init_speed import RssSampler, _return_memory_eagerly, _rss_bytes, build_model, format_table  # noqa: E402
+from init_speed import (  # noqa: E402
+    RssSampler,
+    _return_memory_eagerly,
+    _rss_bytes,
+    build_model,
+    format_table,
+    machine_info,
+    run_probe_script,
+)
 
 import peft_geora  # noqa: E402,F401  (registers GeoRA with PEFT)
 from peft_geora import GeoRAConfig  # noqa: E402
@@ -103,16 +109,8 @@ def memory_probe(args: argparse.Namespace) -> dict:
 
 
 def run_probe_subprocess(method: str, args: argparse.Namespace) -> dict | None:
-    cmd = [sys.executable, __file__, "--probe", method, "--device", args.device, "--r", str(args.r)]
-    cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
-    for flag in ("model", "shape", "layers", "threads"):
-        if getattr(args, flag):
-            cmd += [f"--{flag}", str(getattr(args, flag))]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        logger.warning("memory probe for %s failed:\n%s", method, done.stderr[-2000:])
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    extra = ["--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
+    return run_probe_script(__file__, method, args, extra)
 
 
 def profile(trainers: dict[str, Trainer], steps: int, rows: int) -> dict[str, dict[str, float]]:
@@ -216,14 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         result = {
             "args": vars(args),
-            "machine": {
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "loadavg_before": load_before,
-                "loadavg_after": load_after,
-            },
+            "machine": machine_info(load_before, load_after),
             "seconds": times,
             "median_seconds": median,
             "geora_over_lora": median["geora"] / median["lora"],
