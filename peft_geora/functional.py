@@ -32,6 +32,10 @@ How it is made fast (chosen by measurement on SmolLM2-135M, one CPU core, see ``
   brackets the answer within 5 standard errors, one pass counts the entries below the bracket and gathers the ~4%
   inside, and ``kthvalue`` runs on those only: 2.8 ms instead of 12 ms for an 885k-entry MLP matrix on one core
   (a sort takes 100 ms). Indicators are written as floats: float comparisons vectorise on CPU, boolean ones do not.
+  On CUDA the sample and the candidates are sorted instead: ``kthvalue`` there runs in one thread block (480 ms for
+  the 68M entries of a 7B MLP matrix on an H100, where a sort of them takes 3.2 ms).
+* On CUDA, Krylov steps never wait for the host and convergence checks are spaced geometrically
+  (:data:`CHECK_GROWTH`): a step's products take 0.06-0.37 ms there, a check on the host 1-2 ms.
 * No work twice: ``|W|`` is computed once for its threshold and its mask; ``W_k`` is formed in the same buffer and
   only its magnitudes are kept; the kept-entry indicator and ``W_geo`` reuse that buffer again. The workspace is two
   fp32 matrices plus the masks (plus the fp32 copy of a half-precision weight), freed before the next layer.
@@ -59,6 +63,16 @@ DEFAULT_NITER = 64  # at most this many Krylov steps; the tolerance stops far ea
 DEFAULT_OVERSAMPLE = 0  # extra vectors per Krylov block, see krylov_block
 KRYLOV_TOL = 2e-4  # stop when r new Krylov vectors raise the top-r Ritz energy by less than this fraction
 GRAM_LIMIT = 256  # 'auto' solves matrices with min(out, in) <= this exactly through their Gram matrix
+# Cost of a convergence check (a dense eigensolve of size n on the host) as CHECK_COST * n^3 flops of the solver's
+# matrix products on the matrix's device: the solver checks once the products since the last check cost as much.
+CHECK_COST: dict[str, float] = {"cpu": 10.0}
+# ... and, per device type, only once the basis has grown by this factor since the last check. On an H100 a Krylov
+# step's products take 0.06-0.37 ms on 7B-shaped matrices and a check (host eigensolve) 1-2 ms; spacing the checks
+# by 1.25 made the solves 1.0-1.9x faster there (benchmarks/decompose_stages.py), on the CPU it made them slower.
+CHECK_GROWTH: dict[str, float] = {"cpu": 1.0, "cuda": 1.25}
+# Devices where order statistics are read off a sort: torch.kthvalue on CUDA selects within one thread block
+# (480 ms for 68M entries on an H100, 7 ns per entry) where a sort of the same entries takes 3.2 ms.
+SORT_SELECT_DEVICES: tuple[str, ...] = ("cuda",)
 
 # Below this many entries, torch.kthvalue on the whole tensor is cheaper than bracketing.
 _DIRECT_SELECT_LIMIT = 1 << 15
@@ -123,6 +137,13 @@ def _count(indicator: torch.Tensor) -> int:
     return sum(int(indicator[i : i + chunk].sum()) for i in range(0, indicator.numel(), chunk))
 
 
+def _kth(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) of a flat tensor: ``kthvalue``, or a sort on :data:`SORT_SELECT_DEVICES`."""
+    if values.device.type in SORT_SELECT_DEVICES:
+        return values.sort().values[k - 1]
+    return torch.kthvalue(values, k).values
+
+
 def kth_smallest(
     values: torch.Tensor, k: int, *, seed: int = 0, workspace: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -139,7 +160,7 @@ def kth_smallest(
     if not 1 <= k <= n:
         raise ValueError(f"k must lie in [1, {n}], got {k}")
     if n <= _DIRECT_SELECT_LIMIT or not flat.is_floating_point():
-        return torch.kthvalue(flat, k).values
+        return _kth(flat, k)
     if flat.dtype not in (torch.float32, torch.float64):  # half types: select in fp32, which holds them exactly
         return kth_smallest(flat.float(), k, seed=seed, workspace=workspace).to(flat.dtype)
     size = min(_SELECT_SAMPLE_MAX, max(_SELECT_SAMPLE_MIN, int(8 * math.sqrt(n))))
@@ -149,10 +170,10 @@ def kth_smallest(
     margin = _SELECT_SIGMAS * math.sqrt(q * (1.0 - q) / size) + 2.0 / size
     lo_rank, hi_rank = math.floor((q - margin) * size), math.ceil((q + margin) * size)
     # Python floats, not 0-dim tensors: elementwise kernels with a scalar operand are several times faster
-    lo = float(torch.kthvalue(sample, lo_rank).values) if lo_rank >= 1 else None
-    hi = float(torch.kthvalue(sample, hi_rank).values) if hi_rank <= size else None
+    lo = float(_kth(sample, lo_rank)) if lo_rank >= 1 else None
+    hi = float(_kth(sample, hi_rank)) if hi_rank <= size else None
     if lo is None and hi is None:
-        return torch.kthvalue(flat, k).values
+        return _kth(flat, k)
     # 0/1 indicators are written as floats into one buffer: float comparisons vectorise, boolean ones do not
     work = torch.empty_like(flat) if workspace is None else workspace.reshape(-1)[:n]
     below = _count(torch.lt(flat, lo, out=work)) if lo is not None else 0
@@ -166,8 +187,8 @@ def kth_smallest(
     del work, inside
     rank = k - below
     if 1 <= rank <= candidates.numel():
-        return torch.kthvalue(candidates, rank).values
-    return torch.kthvalue(flat, k).values
+        return _kth(candidates, rank)
+    return _kth(flat, k)
 
 
 def magnitude_threshold(x: torch.Tensor, rho: float, *, seed: int = 0) -> torch.Tensor:
@@ -272,7 +293,11 @@ def krylov_svd(
     last ``rank`` basis vectors raised the sum of the top-``rank`` Ritz values (the captured energy, a lower bound
     of the exact one) by less than ``tol`` of it, or after ``niter`` steps (``tol=0`` runs them all; at least enough
     steps for ``rank`` vectors are taken). Convergence is checked only as often as the check (a small eigenvalue
-    problem) costs less than the products since the last one. Each step costs two products of ``A`` with one block.
+    problem on the host) costs less than the products since the last one (:data:`CHECK_COST`), and on a GPU only
+    after the basis grew by :data:`CHECK_GROWTH`. Each step costs two products of ``A`` with one block. A new block
+    with a negligible direction (rank-deficient input: the Krylov space has become partly or wholly invariant)
+    hands the matrix to LAPACK, which is exact there; that is recorded on the device and read at the checks and at
+    the end, so that steps never wait for the host.
     """
     m, n = matrix.shape
     tall = m >= n
@@ -286,11 +311,14 @@ def krylov_svd(
     basis = torch.empty(dim, small, dtype=dtype, device=device)
     images = torch.empty(dim, max(m, n), dtype=dtype, device=device)
     proj = torch.zeros(dim, dim, dtype=dtype, device=device)
+    degenerate = torch.zeros(steps + 1, dtype=torch.bool, device=device)  # step i's new block lost a direction
     start = torch.randn(small, block, generator=_generator(device, seed), dtype=dtype, device=device)
     basis[:block] = torch.linalg.qr(start).Q.T
     step_work, pending_work = 4.0 * block * m * n, 0.0  # flops of one step's products, and since the last check
-    used, previous, previous_step = block, None, 0
+    used, previous, previous_step, checked = block, None, 0, 0
     eps = torch.finfo(dtype).eps
+    check_cost = CHECK_COST.get(device.type, CHECK_COST["cpu"])
+    growth = CHECK_GROWTH.get(device.type, 1.0)
     for step in range(steps + 1):
         lo, hi = step * block, (step + 1) * block
         y = torch.matmul(basis[lo:hi], fwd, out=images[lo:hi])
@@ -302,20 +330,20 @@ def krylov_svd(
         if step == steps:
             break
         pending_work += step_work
-        # a dense symmetric eigensolve of size hi costs roughly 10 hi^3 flops at the speed of a product
-        if tol > 0 and hi >= 2 * rank and pending_work >= 10.0 * hi**3:
+        if tol > 0 and hi >= 2 * rank and pending_work >= check_cost * hi**3 and hi >= growth * checked:
+            if bool(degenerate[:step].any()):
+                break  # LAPACK, below
             energy = float(_small_eigh(proj[:hi, :hi], vectors=False)[-rank:].sum())
             gain = (energy - previous) / (step - previous_step) * rank / block if previous is not None else None
             if gain is not None and gain <= tol * energy:
                 break
-            previous, previous_step, pending_work = energy, step, 0.0
+            previous, previous_step, pending_work, checked = energy, step, 0.0, hi
         w = z - h @ basis[:hi]
         w -= (w @ basis[:hi].T) @ basis[:hi]
         q, r = torch.linalg.qr(w.T)
-        if not bool(r.diagonal().abs().min() > 100 * eps * torch.linalg.matrix_norm(z)):
-            break  # the Krylov space is invariant: it already holds the answer
+        degenerate[step] = ~(r.diagonal().abs().min() > 100 * eps * torch.linalg.matrix_norm(z))
         basis[hi : hi + block] = q.T
-    if used < rank:
+    if used < rank or bool(degenerate[: used // block - 1].any()):  # the steps whose new block is in the basis
         return _exact_svd(matrix, rank)
     _, vecs = _small_eigh(proj[:used, :used], vectors=True)
     coeffs = vecs[:, -rank:].flip(-1).T  # (r x used)

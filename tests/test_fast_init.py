@@ -98,6 +98,43 @@ def test_krylov_budget_knobs():
     assert u.shape == (500, 16) and vh.shape == (16, 300) and torch.isfinite(s).all()
 
 
+def test_spaced_checks_of_the_gpu_path_keep_the_quality(monkeypatch):
+    """The GPU's geometric check spacing (``CHECK_GROWTH``), run here on the CPU: fewer checks, same quality."""
+    w = torch.randn(640, 320, generator=torch.Generator().manual_seed(3))
+    masked = w * (w.abs() <= magnitude_threshold(w, 0.35))
+    checks = []
+    real_eigh = F._small_eigh
+
+    def counting(matrix, vectors):
+        checks.append((matrix.shape[0], vectors))
+        return real_eigh(matrix, vectors)
+
+    monkeypatch.setattr(F, "_small_eigh", counting)
+    every = krylov_svd(masked, 16)
+    every_checks, checks[:] = len(checks), []
+    monkeypatch.setitem(F.CHECK_GROWTH, "cpu", 1.25)
+    spaced = krylov_svd(masked, 16)
+    sizes = [n for n, vectors in checks if not vectors]
+    assert len(checks) < every_checks
+    assert all(b >= 1.25 * a for a, b in zip(sizes, sizes[1:]))
+    assert captured(*spaced, masked, 16) >= QUALITY and captured(*every, masked, 16) >= QUALITY
+
+
+@pytest.mark.parametrize("growth", [1.0, 1.25])
+@pytest.mark.parametrize("rank", [3, 12])
+def test_a_partly_invariant_krylov_space_hands_over_to_lapack(monkeypatch, growth, rank):
+    """Exactly low rank: a Krylov block loses directions (detected without a per-step sync); the answer stays exact.
+
+    Rank 12 with blocks of 8 used to stop at a 16-vector space holding only part of the range (10% error).
+    """
+    monkeypatch.setitem(F.CHECK_GROWTH, "cpu", growth)
+    gen = torch.Generator().manual_seed(5)
+    low = torch.randn(500, rank, generator=gen) @ torch.randn(rank, 400, generator=gen)
+    u, s, vh = krylov_svd(low, 8)
+    ue, se, vhe = torch.linalg.svd(low, full_matrices=False)
+    assert torch.equal(s, se[:8]) and torch.equal(u, ue[:, :8]) and torch.equal(vh, vhe[:8])
+
+
 @pytest.mark.parametrize("shape", [(200, 120), (120, 200), (256, 300)])
 def test_gram_path_is_exact(shape):
     w = trained_like(shape, seed=5)
@@ -180,6 +217,33 @@ def test_kth_smallest_exact_when_the_bracket_misses(monkeypatch):
     for k in (17, 60_000, 150_001, 299_990):
         for seed in range(3):
             assert kth_smallest(x, k, seed=seed).item() == sorted_kth(x, k).item()
+
+
+def test_sort_based_selection_of_the_gpu_path_is_exact(monkeypatch):
+    """The GPU reads order statistics off a sort (``SORT_SELECT_DEVICES``); run here on the CPU, it must agree."""
+    monkeypatch.setattr(F, "SORT_SELECT_DEVICES", ("cpu",))
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1200, 1000, generator=gen).abs()
+    x[::3, ::5] = 0.25  # ties
+    n = x.numel()
+    for k in (1, 1000, quantile_rank(0.2, n), n // 2, n):
+        assert kth_smallest(x, k).item() == sorted_kth(x, k).item(), k
+    small = torch.rand(1000, generator=gen)
+    assert kth_smallest(small, 17).item() == sorted_kth(small, 17).item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_path_matches_the_cpu_thresholds_and_meets_the_quality_target():
+    w = trained_like((1100, 700), seed=8)
+    k = quantile_rank(0.2, w.numel())
+    assert kth_smallest(w.abs().cuda(), k).item() == sorted_kth(w.abs(), k).item()
+    dec = geora_decompose(w.cuda(), 16)
+    assert torch.equal(dec.masks.euclidean.cpu(), geora_decompose(w, 16).masks.euclidean)
+    w_geo = w * (dec.masks.spectral | dec.masks.euclidean).cpu()
+    energy = float((dec.factors.B.double() @ dec.factors.A.double()).square().sum())
+    assert energy >= QUALITY * exact_top_energy(w_geo, 16)
+    again = geora_decompose(w.cuda(), 16)  # reproducible on the device too
+    assert torch.equal(again.factors.A, dec.factors.A) and torch.equal(again.factors.B, dec.factors.B)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int32])
