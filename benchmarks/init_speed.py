@@ -53,6 +53,7 @@ DESCRIPTIONS = {
     "geora": "GeoRA, defaults (svd_solver='auto')",
     "geora_exact": "GeoRA, svd_solver='exact'",
     "geora_niter_N": "GeoRA, svd_niter=N (--extra-niter; a cheaper, less accurate setting, not the default)",
+    "geora_oversample_N": "GeoRA, svd_oversample=N (--extra-oversample; Krylov blocks of N more vectors)",
 }
 
 
@@ -78,8 +79,9 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
     if args.shape == "qwen2.5-7b":
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(qwen7b_config(args.layers or 2), dtype=torch.bfloat16)
-        return model.to(args.device).eval()
+        with torch.device(args.device):  # initialised where it runs (a CPU init of 7B-wide layers takes ~40 s)
+            model = AutoModelForCausalLM.from_config(qwen7b_config(args.layers or 2), dtype=torch.bfloat16)
+        return model.eval()
     from peft_geora.default_model import load_default_model
 
     model, _ = load_default_model(args.model, device=args.device)
@@ -107,6 +109,8 @@ def method_config(method: str, r: int):
         return GeoRAConfig(**common, svd_solver="exact")
     if method.startswith("geora_niter_"):
         return GeoRAConfig(**common, svd_niter=int(method.rsplit("_", 1)[1]))
+    if method.startswith("geora_oversample_"):
+        return GeoRAConfig(**common, svd_oversample=int(method.rsplit("_", 1)[1]))
     raise ValueError(method)
 
 
@@ -405,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-full-svd", action="store_true", help="also probe memory of the full-SVD methods")
     parser.add_argument("--quality-layers", type=int, default=None, help="check at most this many layers' quality")
     parser.add_argument("--extra-niter", type=int, default=8, help="also run GeoRA with this svd_niter (0: no)")
+    parser.add_argument("--extra-oversample", type=int, nargs="*", default=[], help="also run GeoRA with these")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
@@ -419,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
 
     slow = () if (args.shape and not args.with_full_svd) else SLOW_METHODS
     fast = FAST_METHODS + ((f"geora_niter_{args.extra_niter}",) if args.extra_niter else ())
+    fast += tuple(f"geora_oversample_{n}" for n in args.extra_oversample)
     base = build_model(args)
     matrix_bytes, layer_bytes = largest_target_bytes(base)
     load_before = os.getloadavg()
@@ -451,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 
     memory = {}
     if not args.no_memory:
-        probe = list(fast) + (list(slow) if args.memory_full_svd else [])
+        probe = list(FAST_METHODS) + (list(slow) if args.memory_full_svd else [])  # variants: same workspace
         for method in tqdm(probe, desc="memory"):
             memory[method] = run_probe_subprocess(method, args)
 

@@ -214,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         result = {
             "args": vars(args),
-            "machine": machine_info(load_before, load_after),
+            "machine": {
+                **machine_info(load_before, load_after),
+                "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            },
             "seconds": times,
             "median_seconds": median,
             "geora_over_lora": median["geora"] / median["lora"],
