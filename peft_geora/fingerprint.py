@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .functional import chunk_size
+
 logger = logging.getLogger(__name__)
 
 POLICIES = ("warn", "raise", "off")
@@ -63,6 +65,18 @@ def _probe_indices(numel: int) -> list[int]:
     return [(numel * k) // 5 + (k * 7919) % max(1, numel // 5) for k in range(4)]
 
 
+def _abs_and_square_sums(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum |w|`` and ``sum w^2`` in float64, chunk by chunk (``sum(dtype=float64)`` would copy it all to float64)."""
+    total_abs = torch.zeros((), dtype=torch.float64, device=flat.device)
+    total_sq = torch.zeros((), dtype=torch.float64, device=flat.device)
+    size = max(1, chunk_size(flat.numel()) // 4)  # the float64 chunk and its |.|: an eighth of the weight in fp32
+    for start in range(0, flat.numel(), size):
+        chunk = flat[start : start + size].double()
+        total_abs += chunk.abs().sum()
+        total_sq += chunk.square().sum()
+    return total_abs, total_sq
+
+
 @torch.no_grad()
 def weight_fingerprint(weight: torch.Tensor, quantized: tuple[str, int, float] | None = None) -> dict:
     """A few numbers that change when the weight does: ``{"dtype": ..., "values": [...]}`` (JSON-serialisable).
@@ -73,8 +87,7 @@ def weight_fingerprint(weight: torch.Tensor, quantized: tuple[str, int, float] |
     another precision can be recognised (:func:`fingerprints_match`).
     """
     flat = weight.detach().reshape(-1)
-    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # squares exact enough
-    sums = [float(work.abs().sum(dtype=torch.float64)), float(work.square().sum(dtype=torch.float64))]
+    sums = [float(total) for total in _abs_and_square_sums(flat)]
     indices = _probe_indices(flat.numel())
     fingerprint = {
         "dtype": str(weight.dtype).removeprefix("torch."),

@@ -37,8 +37,9 @@ How it is made fast (chosen by measurement on SmolLM2-135M, one CPU core, see ``
 * On CUDA, Krylov steps never wait for the host and convergence checks are spaced geometrically
   (:data:`CHECK_GROWTH`): a step's products take 0.06-0.37 ms there, a check on the host 1-2 ms.
 * No work twice: ``|W|`` is computed once for its threshold and its mask; ``W_k`` is formed in the same buffer and
-  only its magnitudes are kept; the kept-entry indicator and ``W_geo`` reuse that buffer again. The workspace is two
-  fp32 matrices plus the masks (plus the fp32 copy of a half-precision weight), freed before the next layer.
+  only its magnitudes are kept; the kept-entry indicator and ``W_geo`` reuse that buffer again. The workspace is
+  one fp32 matrix, the two boolean masks and scratch of an eighth of it or less (:func:`chunk_size`), plus the fp32
+  copy of a half-precision weight, freed before the next layer.
 
 Everything is seeded by ``seed`` through private generators, so results do not depend on the global RNG state.
 """
@@ -46,6 +47,7 @@ Everything is seeded by ``seed`` through private generators, so results do not d
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 import torch
@@ -75,6 +77,7 @@ CHECK_GROWTH: dict[str, float] = {"cpu": 1.0, "cuda": 1.25}
 SORT_SELECT_DEVICES: tuple[str, ...] = ("cuda",)
 
 # Below this many entries, torch.kthvalue on the whole tensor is cheaper than bracketing.
+_SELECT_CHUNK = 1 << 24  # most entries per pass of the bracketing (a 64 MB fp32 scratch; exact fp32 counts to 2^24)
 _DIRECT_SELECT_LIMIT = 1 << 15
 # The bracket: a sample of 8 sqrt(n) entries (within these bounds), +-5 standard errors around the quantile.
 _SELECT_SAMPLE_MIN, _SELECT_SAMPLE_MAX = 1 << 13, 1 << 16
@@ -129,12 +132,10 @@ def quantile_rank(rho: float, n: int) -> int:
     return min(n, max(1, math.ceil(rho * n)))
 
 
-def _count(indicator: torch.Tensor) -> int:
-    """Exact number of ones in a flat 0/1 float tensor (fp32 sums of 0/1 are exact up to 2^24 per chunk)."""
-    chunk = 1 << 24
-    if indicator.numel() <= chunk:
-        return int(indicator.sum())
-    return sum(int(indicator[i : i + chunk].sum()) for i in range(0, indicator.numel(), chunk))
+def chunk_size(n: int) -> int:
+    """Entries per chunk of a pass over ``n`` entries that needs scratch: an eighth of them (at least 2^16), at most
+    :data:`_SELECT_CHUNK`, so the scratch stays a small fraction of the matrix whatever its size."""
+    return min(n, _SELECT_CHUNK, max(1 << 16, -(-n // 8)))
 
 
 def _kth(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -144,16 +145,13 @@ def _kth(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(values, k).values
 
 
-def kth_smallest(
-    values: torch.Tensor, k: int, *, seed: int = 0, workspace: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Exact k-th smallest (1-based) entry of ``values``, without sorting or ``torch.quantile``.
+def kth_smallest(values: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
+    """Exact k-th smallest (1-based) entry of ``values``, without sorting all of them or ``torch.quantile``.
 
     Large inputs are bracketed with a seeded random sample so that ``kthvalue`` only runs on the few entries
     between two sample quantiles; the answer is exact whatever the sample (a missed bracket falls back to a full
-    ``kthvalue``). Ties are handled like ``kthvalue``: the returned value is an entry of ``values``.
-    ``workspace`` (optional: float32, float64 for float64 values, at least ``values.numel()`` entries) is used as
-    scratch instead of a new buffer; its content is overwritten.
+    ``kthvalue``). Ties are handled like ``kthvalue``: the returned value is an entry of ``values``. The passes over
+    ``values`` run in chunks (:func:`chunk_size`), so the scratch stays an eighth of ``values`` or less.
     """
     flat = values.reshape(-1)
     n = flat.numel()
@@ -162,7 +160,7 @@ def kth_smallest(
     if n <= _DIRECT_SELECT_LIMIT or not flat.is_floating_point():
         return _kth(flat, k)
     if flat.dtype not in (torch.float32, torch.float64):  # half types: select in fp32, which holds them exactly
-        return kth_smallest(flat.float(), k, seed=seed, workspace=workspace).to(flat.dtype)
+        return kth_smallest(flat.float(), k, seed=seed).to(flat.dtype)
     size = min(_SELECT_SAMPLE_MAX, max(_SELECT_SAMPLE_MIN, int(8 * math.sqrt(n))))
     idx = torch.randint(n, (size,), generator=_generator(flat.device, seed), device=flat.device)
     sample = flat[idx]
@@ -174,17 +172,23 @@ def kth_smallest(
     hi = float(_kth(sample, hi_rank)) if hi_rank <= size else None
     if lo is None and hi is None:
         return _kth(flat, k)
-    # 0/1 indicators are written as floats into one buffer: float comparisons vectorise, boolean ones do not
-    work = torch.empty_like(flat) if workspace is None else workspace.reshape(-1)[:n]
-    below = _count(torch.lt(flat, lo, out=work)) if lo is not None else 0
-    if lo is None:
-        inside = torch.le(flat, hi, out=work)
-    elif hi is None:
-        inside = torch.ge(flat, lo, out=work)
-    else:  # lo <= x <= hi  <=>  clamp(x, lo, hi) == x
-        inside = torch.eq(torch.clamp(flat, lo, hi, out=work), flat, out=work)
-    candidates = flat[inside.bool()]
-    del work, inside
+    # 0/1 indicators are written as floats into a chunk-sized buffer: float comparisons vectorise, boolean ones do
+    # not, and fp32 sums of at most 2^24 ones are exact
+    work = torch.empty(chunk_size(n), dtype=flat.dtype, device=flat.device)
+    below, pieces = 0, []
+    for start in range(0, n, work.numel()):
+        part = flat[start : start + work.numel()]
+        scratch = work[: part.numel()]
+        if lo is not None:
+            below += int(torch.lt(part, lo, out=scratch).sum())
+        if lo is None:
+            inside = torch.le(part, hi, out=scratch)
+        elif hi is None:
+            inside = torch.ge(part, lo, out=scratch)
+        else:  # lo <= x <= hi  <=>  clamp(x, lo, hi) == x
+            inside = torch.eq(torch.clamp(part, lo, hi, out=scratch), part, out=scratch)
+        pieces.append(part[inside.bool()])
+    candidates = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     rank = k - below
     if 1 <= rank <= candidates.numel():
         return _kth(candidates, rank)
@@ -390,32 +394,46 @@ def truncated_svd(
     return _exact_svd(matrix, rank, components)
 
 
+def _chunks(*tensors: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Matching flat chunks (:func:`chunk_size`) of same-sized tensors, for passes with bounded scratch."""
+    flats = [t.reshape(-1) for t in tensors]
+    size = chunk_size(flats[0].numel())
+    for start in range(0, flats[0].numel(), size):
+        yield [f[start : start + size] for f in flats]
+
+
 def _prior_indicators(
     w: torch.Tensor, rho: float, spectral_rank: int, priors: Priors | None, svd_kwargs: dict
 ) -> tuple[GeoRAMasks, torch.Tensor | None]:
     """Boolean priors of ``w`` and ``W_geo`` (a new buffer; ``None`` when ``priors`` is ``None``).
 
-    Two fp32 buffers do all the work: ``a`` holds ``|W|``, then ``|W_k|``, then the kept 0/1 indicator and finally
-    ``W_geo``; ``b`` is the selection scratch and then the Euclidean 0/1 indicator. Indicators are floats because
-    float comparisons and products vectorise on CPU where boolean ones do not.
+    One fp32 buffer ``a`` does the work: it holds ``|W|``, then ``|W_k|``, then the kept 0/1 indicator and finally
+    ``W_geo``; besides it only the two boolean masks and chunk-sized scratch are allocated. Indicators are written
+    as floats (into the scratch) because float comparisons and products vectorise on CPU where boolean ones do not.
     """
     k = quantile_rank(rho, w.numel())
     seed = svd_kwargs.get("seed", 0)
-    a, b = torch.empty_like(w), torch.empty_like(w)
-    tau_euc = kth_smallest(torch.abs(w, out=a), k, seed=seed, workspace=b)
-    euclidean = torch.le(a, tau_euc, out=b).bool()
+    a = torch.abs(w)
+    tau_euc = float(kth_smallest(a, k, seed=seed))  # an fp32 value: compared exactly as a Python float
+    euclidean = torch.empty_like(w, dtype=torch.bool)
+    scratch = torch.empty(chunk_size(w.numel()), dtype=w.dtype, device=w.device)
+    for mags, euc in _chunks(a, euclidean):
+        euc.copy_(torch.le(mags, tau_euc, out=scratch[: mags.numel()]))
+    del scratch  # not held through the SVD and the second selection, where the peak is
     u, s, vh = truncated_svd(w, spectral_rank, **svd_kwargs)
     torch.matmul(u * s, vh, out=a).abs_()  # only |W_k| is needed
-    tau_spec = kth_smallest(a, k, seed=seed + 1, workspace=b)
-    spectral = torch.le(a, tau_spec, out=a).bool()
-    masks = GeoRAMasks(spectral=spectral, euclidean=euclidean)
+    tau_spec = kth_smallest(a, k, seed=seed + 1)
+    keep = torch.le(a, tau_spec, out=a)
+    masks = GeoRAMasks(spectral=keep.bool(), euclidean=euclidean)
     if priors is None:
         return masks, None
-    keep = a
-    if priors != "spectral":
-        keep = torch.le(torch.abs(w, out=b), tau_euc, out=b)  # recomputing beats converting the bool mask
-        if priors == "union":
-            keep = torch.maximum(a, keep, out=a)
+    if priors == "euclidean":
+        keep.copy_(euclidean)
+    elif priors == "union":  # recomputing the Euclidean indicator beats converting the bool mask
+        scratch = torch.empty(chunk_size(w.numel()), dtype=w.dtype, device=w.device)
+        for kept, weights in _chunks(keep, w):
+            part = scratch[: kept.numel()]
+            torch.maximum(kept, torch.le(torch.abs(weights, out=part), tau_euc, out=part), out=kept)
     return masks, torch.mul(w, keep, out=a)
 
 

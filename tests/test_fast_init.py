@@ -254,15 +254,29 @@ def test_kth_smallest_other_dtypes(dtype):
         assert kth_smallest(x, k).item() == sorted_kth(x, k).item()
 
 
-def test_kth_smallest_uses_and_respects_the_workspace():
-    x = torch.rand(500, 400)
-    work = torch.full((500 * 400 + 7,), 3.0)
-    k = quantile_rank(0.2, x.numel())
+def test_kth_smallest_in_chunks_is_exact_and_leaves_the_input_alone(monkeypatch):
+    """The bracketing passes run in chunks (bounded scratch); several chunks must give the same exact answer."""
+    monkeypatch.setattr(F, "_SELECT_CHUNK", 50_000)
+    x = torch.rand(500, 400, generator=torch.Generator().manual_seed(7))
+    x[::7] = 0.5  # ties
     before = x.clone()
-    assert kth_smallest(x, k, workspace=work).item() == sorted_kth(x, k).item()
+    for k in (1, 17, quantile_rank(0.2, x.numel()), 100_000, x.numel()):
+        assert kth_smallest(x, k).item() == sorted_kth(x, k).item(), k
     assert torch.equal(x, before)
     with pytest.raises(ValueError, match="k must lie"):
         kth_smallest(x, 0)
+
+
+def test_masks_and_w_geo_do_not_depend_on_the_chunking(monkeypatch):
+    w = trained_like((640, 288), seed=12)
+    whole = {p: geora_decompose(w, 16, priors=p) for p in ("union", "spectral", "euclidean")}
+    monkeypatch.setattr(F, "_SELECT_CHUNK", 10_000)
+    for priors, expected in whole.items():
+        chunked = geora_decompose(w, 16, priors=priors)
+        assert torch.equal(chunked.masks.spectral, expected.masks.spectral)
+        assert torch.equal(chunked.masks.euclidean, expected.masks.euclidean)
+        assert torch.equal(chunked.factors.A, expected.factors.A)
+        assert torch.equal(chunked.factors.B, expected.factors.B)
 
 
 # ---------------------------------------------------------------- reproducibility
