@@ -77,8 +77,8 @@ CHECK_GROWTH: dict[str, float] = {"cpu": 1.0, "cuda": 1.25}
 SORT_SELECT_DEVICES: tuple[str, ...] = ("cuda",)
 
 # Below this many entries, torch.kthvalue on the whole tensor is cheaper than bracketing.
-_SELECT_CHUNK = 1 << 24  # most entries per pass of the bracketing (a 64 MB fp32 scratch; exact fp32 counts to 2^24)
 _DIRECT_SELECT_LIMIT = 1 << 15
+_SELECT_CHUNK = 1 << 24  # most entries per pass of the bracketing (a 64 MB fp32 scratch; exact fp32 counts to 2^24)
 # The bracket: a sample of 8 sqrt(n) entries (within these bounds), +-5 standard errors around the quantile.
 _SELECT_SAMPLE_MIN, _SELECT_SAMPLE_MAX = 1 << 13, 1 << 16
 _SELECT_SIGMAS = 5.0
