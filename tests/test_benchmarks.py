@@ -1,0 +1,54 @@
+"""The benchmark scripts run end to end on a slice of SmolLM2 and write the JSON the README's tables come from.
+
+Each runs in its own interpreter, as from the command line (they set torch's thread count and logging levels).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(name: str, args: list[str], out: Path) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args, "--threads", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_init_speed_compares_geora_with_peft_on_one_layer(smollm2_path, tmp_path):
+    args = ["--model", str(smollm2_path), "--layers", "1", "--repeats", "1", "--slow-repeats", "0"]
+    args += ["--extra-niter", "0", "--extra-oversample", "8", "--no-memory"]
+    result = run_script("init_speed.py", args, tmp_path / "init.json")
+    assert set(result["median_seconds"]) == {"lora", "pissa_niter_4", "geora", "geora_oversample_8"}
+    quality = result["quality"]["geora"]["summary"]
+    assert quality["layers"] == 7 and quality["captured_energy"]["min"] >= 0.999
+    assert quality["euclidean_threshold_exact_fraction"] == 1.0
+    assert quality["anchors_reproduced_bitwise_fraction"] == 1.0
+
+
+def test_step_speed_times_geora_against_lora(smollm2_path, tmp_path):
+    args = ["--model", str(smollm2_path), "--layers", "1", "--batch", "1", "--seq", "16", "--warmup", "0"]
+    args += ["--rounds", "1", "--steps", "1", "--no-memory"]
+    result = run_script("step_speed.py", args, tmp_path / "step.json")
+    assert result["geora_over_lora"] > 0 and len(result["seconds"]["geora"]) == 1
+
+
+def test_decompose_stages_reports_stages_blocks_and_check_spacing(smollm2_path, tmp_path):
+    args = ["--model", str(smollm2_path), "--layer", "3", "--matrices", "q_proj,k_proj", "--blocks", "8", "16"]
+    args += ["--check-growths", "1", "1.25", "--eigh-sizes", "64", "--repeats", "1"]
+    rows = run_script("decompose_stages.py", args, tmp_path / "stages.json")["matrices"]
+    assert rows["q_proj"]["krylov_b16_energy"] >= 0.999 and rows["q_proj"]["krylov_growth1.25_energy"] >= 0.999
+    assert "krylov_b8" not in rows["k_proj"]  # 192 wide: the exact Gram path, no Krylov sweep
+    assert all(rows[m]["total"] > 0 and rows[m]["threshold"] > 0 for m in rows)
