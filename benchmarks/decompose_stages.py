@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from init_speed import format_table, machine_info  # noqa: E402
+from init_speed import common_arguments, format_table, machine_info  # noqa: E402
 
 import peft_geora.functional as functional  # noqa: E402
 from peft_geora.functional import (  # noqa: E402
@@ -152,22 +153,17 @@ def eigh_row(n: int, device: str, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--model", default=None, help="local model folder (default: built-in SmolLM2-135M-Instruct)")
-    parser.add_argument("--shape", default=None, choices=["qwen2.5-7b"], help="a random bf16 layer of this shape")
+    common_arguments(parser, shape_help="a random bf16 layer of this shape")
     parser.add_argument("--layer", type=int, default=0, help="SmolLM2 layer index (7B shape: the random seed)")
     parser.add_argument("--matrices", default=",".join(QWEN7B_SHAPES), help="comma-separated projection names")
-    parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--blocks", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--check-growths", type=float, nargs="*", default=[], help="CHECK_GROWTH values to sweep")
     parser.add_argument("--eigh-sizes", type=int, nargs="+", default=[64, 128, 256, 384, 512, 768])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = __import__("os").getloadavg()
+    load_before = os.getloadavg()
     weights = layer_matrices(args)
     rows = {name: matrix_row(weights[name], args) for name in args.matrices.split(",")}
     eighs = [eigh_row(n, args.device, args.repeats) for n in args.eigh_sizes]
@@ -197,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = [key for key in eighs[0] if key != "n"]
     print(format_table([["eigensolve (ms)", *keys]] + [[str(e["n"]), *(ms(e[key]) for key in keys)] for e in eighs]))
     if args.out:
-        info = machine_info(load_before, __import__("os").getloadavg())
-        info["device_name"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        info = machine_info(load_before, os.getloadavg(), args.device)
         result = {"args": vars(args), "machine": info, "matrices": rows, "eigensolves": eighs}
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")

@@ -361,9 +361,20 @@ def run_probe_subprocess(method: str, args: argparse.Namespace) -> dict | None:
     return run_probe_script(__file__, method, args)
 
 
-def machine_info(load_before: tuple[float, ...], load_after: tuple[float, ...]) -> dict:
-    """What the JSON results record about the machine and its load (shared with ``step_speed.py``)."""
+def common_arguments(parser: argparse.ArgumentParser, shape_help: str = "random bf16 model of this shape") -> None:
+    """The options every benchmark script takes: device, model, shape, rank, threads, JSON output."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default=None, help="local model folder (default: built-in SmolLM2-135M-Instruct)")
+    parser.add_argument("--shape", default=None, choices=["qwen2.5-7b"], help=shape_help)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def machine_info(load_before: tuple[float, ...], load_after: tuple[float, ...], device: str) -> dict:
+    """What the JSON results record about the machine, the device and the load (shared by the benchmark scripts)."""
     return {
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
@@ -397,11 +408,8 @@ def format_table(rows: list[list[str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--model", default=None, help="local model folder (default: built-in SmolLM2-135M-Instruct)")
-    parser.add_argument("--shape", default=None, choices=["qwen2.5-7b"], help="random bf16 model of this shape")
+    common_arguments(parser)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (7B shape: default 2)")
-    parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the fast methods")
     parser.add_argument("--slow-repeats", type=int, default=1, help="timed rounds of the full-SVD methods")
     parser.add_argument("--with-full-svd", action="store_true", help="7B shape: also time the full-SVD methods")
@@ -410,8 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-layers", type=int, default=None, help="check at most this many layers' quality")
     parser.add_argument("--extra-niter", type=int, default=8, help="also run GeoRA with this svd_niter (0: no)")
     parser.add_argument("--extra-oversample", type=int, nargs="*", default=[], help="also run GeoRA with these")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -529,10 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         result = {
             "args": vars(args),
-            "machine": {
-                **machine_info(load_before, load_after),
-                "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
-            },
+            "machine": machine_info(load_before, load_after, args.device),
             "descriptions": DESCRIPTIONS,
             "seconds": times,
             "median_seconds": median,

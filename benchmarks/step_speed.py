@@ -35,6 +35,7 @@ from init_speed import (  # noqa: E402
     _return_memory_eagerly,
     _rss_bytes,
     build_model,
+    common_arguments,
     format_table,
     machine_info,
     run_probe_script,
@@ -139,11 +140,8 @@ def profile(trainers: dict[str, Trainer], steps: int, rows: int) -> dict[str, di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--model", default=None, help="local model folder (default: built-in SmolLM2-135M-Instruct)")
-    parser.add_argument("--shape", default=None, choices=["qwen2.5-7b"], help="random bf16 model of this shape")
+    common_arguments(parser)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (7B shape: default 2)")
-    parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before timing")
@@ -151,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per method and round")
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps per method (0: off)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -214,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         result = {
             "args": vars(args),
-            "machine": {
-                **machine_info(load_before, load_after),
-                "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-            },
+            "machine": machine_info(load_before, load_after, args.device),
             "seconds": times,
             "median_seconds": median,
             "geora_over_lora": median["geora"] / median["lora"],
