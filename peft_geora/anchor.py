@@ -9,7 +9,9 @@ type compute that, since they all evaluate ``lora_B(lora_A(dropout(x))) * scalin
 
 Together that is ``B A x - B0 A0 x``. At initialisation (``A == A0``, ``B == B0``) both differences are exactly zero,
 so the adapter's output is exactly zero in any dtype, and no full-size subtraction is spent on the activations (the
-cost is that of a rank-2r LoRA). The effective weights, for export and inspection, are ``[A; A0]`` and ``[B, -B0]``:
+cost is that of a rank-2r LoRA). The backward (:class:`_AnchoredProduct`) computes the weight gradient of ``A`` and
+``B`` only, rank r each, where autograd through the concatenated rank-2r weights would also compute the frozen
+anchors' share and throw it away. The effective weights, for export and inspection, are ``[A; A0]`` and ``[B, -B0]``:
 ``lora_B.weight @ lora_A.weight == B A - B0 A0``, so the adapter *is* a rank-2r LoRA on the original ``W``, which is
 how it is exported. ``A`` and ``B`` are trainable parameters (``factor``); ``A0`` and ``B0`` are persistent buffers
 (``anchor``), saved with the adapter and never trained.
@@ -20,6 +22,47 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class _AnchoredProduct(torch.autograd.Function):
+    """``u -> F.linear(u, weight)`` with ``weight`` built from a trainable ``factor`` and its frozen ``anchor``.
+
+    ``kind="A"``: ``weight = [factor - anchor; anchor]`` (2r x in), so ``d factor = g[:, :r]^T u``.
+    ``kind="B"``: ``weight = [factor, factor - anchor]`` (out x 2r), so ``d factor = g^T (u[:, :r] + u[:, r:])``.
+
+    The forward is the plain ``F.linear`` (same values, autocast applies as usual); the backward computes the input
+    gradient and an (r x in) / (out x r) factor gradient instead of the full rank-2r weight gradient, a third less
+    backward work on the adapter. It runs under the autocast state of the forward, like autograd's own backward.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, factor: torch.Tensor, anchor: torch.Tensor, kind: str) -> torch.Tensor:  # noqa: ANN001
+        if kind == "A":
+            weight = torch.cat([factor - anchor, anchor], dim=0)
+        else:
+            weight = torch.cat([factor, factor - anchor], dim=1)
+        device_type = u.device.type
+        ctx.kind, ctx.autocast = kind, (device_type, torch.get_autocast_dtype(device_type))
+        ctx.autocast_enabled = torch.is_autocast_enabled(device_type)
+        ctx.save_for_backward(u, weight)
+        return F.linear(u, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:  # noqa: ANN001
+        u, weight = ctx.saved_tensors
+        device_type, dtype = ctx.autocast
+        grad_u = grad_factor = None
+        with torch.autocast(device_type, dtype=dtype, enabled=ctx.autocast_enabled):
+            if ctx.needs_input_grad[0]:
+                grad_u = grad @ weight
+            if ctx.needs_input_grad[1]:
+                g, inputs = grad.reshape(-1, grad.shape[-1]), u.reshape(-1, u.shape[-1])
+                if ctx.kind == "A":
+                    grad_factor = g[:, : weight.shape[0] // 2].T @ inputs
+                else:
+                    rank = weight.shape[1] // 2
+                    grad_factor = g.T @ (inputs[:, :rank] + inputs[:, rank:])
+        return grad_u, grad_factor, None, None
 
 
 class _Anchored(nn.Module):
@@ -96,8 +139,7 @@ class AnchoredA(_Anchored):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[(A - A0) x ; A0 x]``: exactly zero in the first half while ``A == A0``."""
         self.check_ready()
-        anchor = self.anchor_like_factor()
-        return F.linear(x, torch.cat([self.factor - anchor, anchor], dim=0))
+        return _AnchoredProduct.apply(x, self.factor, self.anchor_like_factor(), "A")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rank={self.rank} (+{self.rank} anchored)"
@@ -132,7 +174,7 @@ class AnchoredB(_Anchored):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``[d ; h0] -> B d + (B - B0) h0``: with ``d = (A - A0) x`` from AnchoredA, ``B A x - B0 A0 x``."""
-        return F.linear(h, torch.cat([self.factor, self.factor - self.anchor_like_factor()], dim=1))
+        return _AnchoredProduct.apply(h, self.factor, self.anchor_like_factor(), "B")
 
     def extra_repr(self) -> str:
         return f"rank={self.rank} (+{self.rank} anchored), out_features={self.out_features}"

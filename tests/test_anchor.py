@@ -1,0 +1,110 @@
+"""The anchored factor modules on their own: the formula's gradients, with the anchors' share of the work skipped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from peft_geora import AnchoredA, AnchoredB
+
+
+def anchored_pair(r=4, n_in=12, n_out=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a0, b0 = torch.randn(r, n_in, generator=gen), torch.randn(n_out, r, generator=gen)
+    a, b = a0 + 0.1 * torch.randn(r, n_in, generator=gen), b0 + 0.1 * torch.randn(n_out, r, generator=gen)
+    return AnchoredA(a, a0), AnchoredB(b, b0)
+
+
+def formula_grads(lora_a, lora_b, x, g):
+    """Gradients of ``<g, B A x - B0 A0 x>`` by plain autograd on the formula."""
+    a = lora_a.factor.detach().clone().requires_grad_()
+    b = lora_b.factor.detach().clone().requires_grad_()
+    x = x.detach().clone().requires_grad_()
+    ((x @ a.T @ b.T - x @ lora_a.anchor.T @ lora_b.anchor.T) * g).sum().backward()
+    return a.grad, b.grad, x.grad
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3)])
+def test_anchored_pair_has_the_gradients_of_the_formula(shape):
+    """``[(A - A0) x; A0 x]`` then ``[B, B - B0]`` trains A, B and passes gradients to x like ``B A x - B0 A0 x``."""
+    lora_a, lora_b = anchored_pair()
+    x, g = torch.randn(*shape, 12, requires_grad=True), torch.randn(*shape, 10)
+    (lora_b(lora_a(x)) * g).sum().backward()
+    a_grad, b_grad, x_grad = formula_grads(lora_a, lora_b, x, g)
+    torch.testing.assert_close(lora_a.factor.grad, a_grad)
+    torch.testing.assert_close(lora_b.factor.grad, b_grad)
+    torch.testing.assert_close(x.grad, x_grad)
+    assert lora_a.anchor.grad is None and lora_b.anchor.grad is None
+
+
+def test_frozen_factors_still_pass_the_input_gradient():
+    lora_a, lora_b = anchored_pair()
+    lora_a.factor.requires_grad_(False)
+    lora_b.factor.requires_grad_(False)
+    x, g = torch.randn(5, 12, requires_grad=True), torch.randn(5, 10)
+    (lora_b(lora_a(x)) * g).sum().backward()
+    torch.testing.assert_close(x.grad, formula_grads(lora_a, lora_b, x, g)[2])
+    assert lora_a.factor.grad is None and lora_b.factor.grad is None
+
+
+def test_backward_skips_the_anchors_weight_gradient():
+    """Autograd through the rank-2r weights would compute (2r x in) and (out x 2r) weight gradients; the anchored
+    product computes the factors' (r x in) and (out x r) only: 5 rank-r products per token, where LoRA needs 3."""
+    r, n_in, n_out, tokens = 4, 12, 10, 7
+    lora_a, lora_b = anchored_pair(r, n_in, n_out)
+    x = torch.randn(tokens, n_in, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        lora_b(lora_a(x)).sum().backward()
+    rank_r_product = 2 * tokens * r * (n_in + n_out)  # flops of x -> A x -> B (A x) at rank r
+    assert counter.get_total_flops() == 5 * rank_r_product
+
+
+def test_output_is_exactly_zero_at_init_and_grads_flow():
+    a0, b0 = torch.randn(4, 12), torch.randn(10, 4)
+    lora_a, lora_b = AnchoredA(a0.clone(), a0), AnchoredB(b0.clone(), b0)
+    x = torch.randn(3, 12, requires_grad=True)
+    out = lora_b(lora_a(x))
+    assert torch.equal(out, torch.zeros_like(out))
+    out.pow(2).sum().backward()  # zero loss gradient at init: gradients exist and are zero
+    assert torch.equal(lora_a.factor.grad, torch.zeros_like(a0))
+
+
+def test_bf16_autocast_backward_is_as_accurate_as_autograd_and_keeps_fp32_grads():
+    """Under autocast the backward runs in the forward's autocast dtype, like autograd's own: its gradients are as
+    close to the float64 truth as autograd's through the concatenated weights, and come back in fp32."""
+    lora_a, lora_b = anchored_pair(r=8, n_in=64, n_out=48)
+    x, g = torch.randn(16, 64, requires_grad=True), torch.randn(16, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_b(lora_a(x))
+    assert out.dtype == torch.bfloat16
+    (out.float() * g).sum().backward()
+    ours = (lora_a.factor.grad, lora_b.factor.grad, x.grad)
+    assert ours[0].dtype == ours[1].dtype == torch.float32
+    a = lora_a.factor.detach().clone().requires_grad_()
+    b = lora_b.factor.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weight_a = torch.cat([a - lora_a.anchor, lora_a.anchor])
+        weight_b = torch.cat([b, b - lora_b.anchor], dim=1)
+        ref = torch.nn.functional.linear(torch.nn.functional.linear(xr, weight_a), weight_b)
+    (ref.float() * g).sum().backward()
+    torch.testing.assert_close(out, ref)
+    lora_a.double(), lora_b.double()
+    truth = formula_grads(lora_a, lora_b, x.double(), g.double())
+    for mine, autograd, exact in zip(ours, (a.grad, b.grad, xr.grad), truth):
+        error, autograd_error = ((t.double() - exact).norm() / exact.norm() for t in (mine, autograd))
+        assert error < 1e-2 and error <= 1.25 * autograd_error
+
+
+def test_compiles_into_one_graph_with_the_same_gradients():
+    """``torch.compile`` (here its backend-independent ``aot_eager``) traces the custom backward without breaks."""
+    lora_a, lora_b = anchored_pair()
+    x = torch.randn(5, 12, requires_grad=True)
+    compiled = torch.compile(lambda inputs: lora_b(lora_a(inputs)), backend="aot_eager", fullgraph=True)
+    compiled(x).sum().backward()
+    grads = (lora_a.factor.grad.clone(), lora_b.factor.grad.clone(), x.grad.clone())
+    lora_a.factor.grad = lora_b.factor.grad = x.grad = None
+    lora_b(lora_a(x)).sum().backward()
+    for compiled_grad, eager_grad in zip(grads, (lora_a.factor.grad, lora_b.factor.grad, x.grad)):
+        torch.testing.assert_close(compiled_grad, eager_grad)
