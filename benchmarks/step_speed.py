@@ -3,10 +3,11 @@
 Both adapters are put on the same base model (all linear projections, r=16, alpha=32) and trained on the same
 random token batch; steps alternate between the two methods (``--rounds`` rounds of ``--steps`` steps after
 ``--warmup`` steps each), and medians and ratios are reported. GeoRA's adapter computes ``B A x - B0 A0 x`` as
-a rank-2r product (one matmul per factor, see ``peft_geora/anchor.py``) where LoRA's is rank r; ``--profile`` shows
-where the extra time goes with ``torch.profiler``. Peak memory during training: on CUDA ``max_memory_allocated``; on
-CPU one fresh subprocess per method samples its RSS (glibc told to return large blocks at once, as in
-``init_speed.py``).
+a rank-2r product (one matmul per factor, see ``peft_geora/anchor.py``) where LoRA's is rank r; the FLOPs of one
+step (``torch.utils.flop_counter``: matrix products and attention) give the ratio that load cannot blur, the floor
+under the time ratio where products dominate; ``--profile`` shows where the extra time goes with ``torch.profiler``.
+Peak memory during training: on CUDA ``max_memory_allocated``; on CPU one fresh subprocess per method samples its
+RSS (glibc told to return large blocks at once, as in ``init_speed.py``).
 
 Examples::
 
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,6 +88,15 @@ class Trainer:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
+
+
+def step_flops(trainer: Trainer) -> int:
+    """FLOPs of one forward and backward as ``torch.utils.flop_counter`` counts them (matrix products and attention;
+    not the optimizer or elementwise work). Untimed; the gradients are dropped."""
+    with FlopCounterMode(display=False) as counter:
+        trainer.model(**trainer.batch).loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def memory_probe(args: argparse.Namespace) -> dict:
@@ -167,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for trainer in trainers.values():
         for _ in range(args.warmup):
             trainer.step()
+    flops = {m: step_flops(trainers[m]) for m in METHODS}
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     for rnd in tqdm(range(args.rounds), desc="rounds"):
@@ -182,13 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     per_op = profile(trainers, args.profile, 15) if args.profile else None
     memory = {} if args.no_memory else {m: run_probe_subprocess(m, args) for m in tqdm(METHODS, desc="memory")}
 
-    rows = [["method", "trainable", "step s (median)", "steps", "peak MB above model"]]
+    rows = [["method", "trainable", "GFLOP / step", "step s (median)", "steps", "peak MB above model"]]
     for method in METHODS:
         mem = memory.get(method)
         rows.append(
             [
                 method,
                 f"{trainers[method].trainable:,}",
+                f"{flops[method] / 1e9:.1f}",
                 f"{median[method]:.4f}",
                 str(len(times[method])),
                 f"{mem['peak_above_model_mb']:.1f}" if mem else "-",
@@ -198,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(
         f"\nGeoRA / LoRA step time: {median['geora'] / median['lora']:.3f} (median of per-round ratios "
-        f"{statistics.median(round_ratios):.3f}, range {min(round_ratios):.3f}-{max(round_ratios):.3f})"
+        f"{statistics.median(round_ratios):.3f}, range {min(round_ratios):.3f}-{max(round_ratios):.3f}); "
+        f"FLOPs {flops['geora'] / flops['lora']:.4f}"
     )
     if memory.get("geora") and memory.get("lora"):
         ratio = memory["geora"]["peak_above_model_mb"] / memory["lora"]["peak_above_model_mb"]
@@ -215,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             "median_seconds": median,
             "geora_over_lora": median["geora"] / median["lora"],
             "per_round_ratio": round_ratios,
+            "flops": flops,
+            "geora_over_lora_flops": flops["geora"] / flops["lora"],
             "memory": memory,
             "profile_ms_per_step": per_op,
         }

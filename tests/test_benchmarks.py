@@ -43,6 +43,7 @@ def test_step_speed_times_geora_against_lora(smollm2_path, tmp_path):
     args += ["--rounds", "1", "--steps", "1", "--no-memory"]
     result = run_script("step_speed.py", args, tmp_path / "step.json")
     assert result["geora_over_lora"] > 0 and len(result["seconds"]["geora"]) == 1
+    assert 1.0 < result["geora_over_lora_flops"] < 1.2  # the rank-2r adapter, on one layer and a 16-token batch
 
 
 def test_decompose_stages_reports_stages_blocks_and_check_spacing(smollm2_path, tmp_path):
@@ -52,3 +53,21 @@ def test_decompose_stages_reports_stages_blocks_and_check_spacing(smollm2_path, 
     assert rows["q_proj"]["krylov_b16_energy"] >= 0.999 and rows["q_proj"]["krylov_growth1.25_energy"] >= 0.999
     assert "krylov_b8" not in rows["k_proj"]  # 192 wide: the exact Gram path, no Krylov sweep
     assert all(rows[m]["total"] > 0 and rows[m]["threshold"] > 0 for m in rows)
+
+
+def test_krylov_convergence_counts_steps_against_the_oracle_stop(smollm2_path, tmp_path):
+    args = ["--model", str(smollm2_path), "--layers", "2", "--matrices", "q_proj,k_proj,down_proj"]
+    result = run_script("krylov_convergence.py", args, tmp_path / "convergence.json")
+    rows = result["rows"]
+    assert [(row["name"], row["matrix"]) for row in rows] == [
+        ("q_proj", "W"),
+        ("q_proj", "W_geo"),
+        ("down_proj", "W"),
+        ("down_proj", "W_geo"),
+    ]  # k_proj (192 wide) takes the exact Gram path
+    for row in rows:
+        assert row["oracle"] <= row["steps"] and row["error"] <= 1e-3
+        assert all(error > 1e-3 for error in row["trajectory_error"][: row["oracle"] - 1])  # the fewest steps
+        assert row["products"] == 16 * (row["steps"] + 1)
+    per_weight = result["per_weight"]
+    assert result["pissa_products"] == 160 and per_weight["oracle_products"] <= per_weight["products"]
