@@ -32,35 +32,40 @@ class _AnchoredProduct(torch.autograd.Function):
 
     The forward is the plain ``F.linear`` (same values, autocast applies as usual); the backward computes the input
     gradient and an (r x in) / (out x r) factor gradient instead of the full rank-2r weight gradient, a third less
-    backward work on the adapter. It runs under the autocast state of the forward, like autograd's own backward.
+    backward work on the adapter. The concatenated weight is rebuilt in the backward rather than kept from the forward
+    (autograd would keep one per layer, 2r x (in + out) values), and the backward runs under the forward's autocast
+    state, like autograd's own.
     """
 
     @staticmethod
-    def forward(ctx, u: torch.Tensor, factor: torch.Tensor, anchor: torch.Tensor, kind: str) -> torch.Tensor:  # noqa: ANN001
+    def weight(factor: torch.Tensor, anchor: torch.Tensor, kind: str) -> torch.Tensor:
+        """The rank-2r weight the product applies: ``[factor - anchor; anchor]`` or ``[factor, factor - anchor]``."""
         if kind == "A":
-            weight = torch.cat([factor - anchor, anchor], dim=0)
-        else:
-            weight = torch.cat([factor, factor - anchor], dim=1)
+            return torch.cat([factor - anchor, anchor], dim=0)
+        return torch.cat([factor, factor - anchor], dim=1)
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, factor: torch.Tensor, anchor: torch.Tensor, kind: str) -> torch.Tensor:  # noqa: ANN001
         device_type = u.device.type
         ctx.kind, ctx.autocast = kind, (device_type, torch.get_autocast_dtype(device_type))
         ctx.autocast_enabled = torch.is_autocast_enabled(device_type)
-        ctx.save_for_backward(u, weight)
-        return F.linear(u, weight)
+        ctx.save_for_backward(u, factor, anchor)  # not the concatenated weight: rebuilt in backward, never stored
+        return F.linear(u, _AnchoredProduct.weight(factor, anchor, kind))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:  # noqa: ANN001
-        u, weight = ctx.saved_tensors
+        u, factor, anchor = ctx.saved_tensors
         device_type, dtype = ctx.autocast
+        rank = factor.shape[0] if ctx.kind == "A" else factor.shape[1]
         grad_u = grad_factor = None
         with torch.autocast(device_type, dtype=dtype, enabled=ctx.autocast_enabled):
             if ctx.needs_input_grad[0]:
-                grad_u = grad @ weight
+                grad_u = grad @ _AnchoredProduct.weight(factor, anchor, ctx.kind)
             if ctx.needs_input_grad[1]:
                 g, inputs = grad.reshape(-1, grad.shape[-1]), u.reshape(-1, u.shape[-1])
                 if ctx.kind == "A":
-                    grad_factor = g[:, : weight.shape[0] // 2].T @ inputs
+                    grad_factor = g[:, :rank].T @ inputs
                 else:
-                    rank = weight.shape[1] // 2
                     grad_factor = g.T @ (inputs[:, :rank] + inputs[:, rank:])
         return grad_u, grad_factor, None, None
 

@@ -60,6 +60,19 @@ def test_backward_skips_the_anchors_weight_gradient():
     assert counter.get_total_flops() == 5 * rank_r_product
 
 
+def test_backward_keeps_no_copy_of_the_weights():
+    """What the pair saves for backward is the input, the activations between the factors and views of the factors
+    and anchors themselves: no concatenated (2r x in) / (out x 2r) weight per layer."""
+    lora_a, lora_b = anchored_pair(r=4, n_in=12, n_out=10)
+    x = torch.randn(7, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        hidden = lora_a(x)
+        lora_b(hidden)
+    own = {t.data_ptr() for t in (x, hidden, lora_a.factor, lora_a.anchor, lora_b.factor, lora_b.anchor)}
+    assert saved and {t.data_ptr() for t in saved} <= own
+
+
 def test_output_is_exactly_zero_at_init_and_grads_flow():
     a0, b0 = torch.randn(4, 12), torch.randn(10, 4)
     lora_a, lora_b = AnchoredA(a0.clone(), a0), AnchoredB(b0.clone(), b0)
