@@ -83,12 +83,17 @@ def test_output_is_exactly_zero_at_init_and_grads_flow():
     assert torch.equal(lora_a.factor.grad, torch.zeros_like(a0))
 
 
-def test_bf16_autocast_backward_is_as_accurate_as_autograd_and_keeps_fp32_grads():
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_backward_is_as_accurate_as_autograd_and_keeps_fp32_grads(device):
     """Under autocast the backward runs in the forward's autocast dtype, like autograd's own: its gradients are as
     close to the float64 truth as autograd's through the concatenated weights, and come back in fp32."""
-    lora_a, lora_b = anchored_pair(r=8, n_in=64, n_out=48)
-    x, g = torch.randn(16, 64, requires_grad=True), torch.randn(16, 48)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    lora_a, lora_b = (module.to(device) for module in anchored_pair(r=8, n_in=64, n_out=48))
+    x = torch.randn(16, 64, device=device, requires_grad=True)
+    g = torch.randn(16, 48, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = lora_b(lora_a(x))
     assert out.dtype == torch.bfloat16
     (out.float() * g).sum().backward()
@@ -97,7 +102,7 @@ def test_bf16_autocast_backward_is_as_accurate_as_autograd_and_keeps_fp32_grads(
     a = lora_a.factor.detach().clone().requires_grad_()
     b = lora_b.factor.detach().clone().requires_grad_()
     xr = x.detach().clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         weight_a = torch.cat([a - lora_a.anchor, lora_a.anchor])
         weight_b = torch.cat([b, b - lora_b.anchor], dim=1)
         ref = torch.nn.functional.linear(torch.nn.functional.linear(xr, weight_a), weight_b)
