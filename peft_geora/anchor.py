@@ -9,15 +9,17 @@ type compute that, since they all evaluate ``lora_B(lora_A(dropout(x))) * scalin
 
 Together that is ``B A x - B0 A0 x``. At initialisation (``A == A0``, ``B == B0``) both differences are exactly zero,
 so the adapter's output is exactly zero in any dtype, and no full-size subtraction is spent on the activations (the
-cost is that of a rank-2r LoRA). The backward (:class:`_AnchoredProduct`) computes the weight gradient of ``A`` and
-``B`` only, rank r each, where autograd through the concatenated rank-2r weights would also compute the frozen
-anchors' share and throw it away. The effective weights, for export and inspection, are ``[A; A0]`` and ``[B, -B0]``:
-``lora_B.weight @ lora_A.weight == B A - B0 A0``, so the adapter *is* a rank-2r LoRA on the original ``W``, which is
-how it is exported. ``A`` and ``B`` are trainable parameters (``factor``); ``A0`` and ``B0`` are persistent buffers
-(``anchor``), saved with the adapter and never trained.
+forward costs what a rank-2r LoRA's does). The backward (:class:`_AnchoredProduct`) computes the weight gradient of
+``A`` and ``B`` only, rank r each, where autograd through the concatenated rank-2r weights would also compute the
+frozen anchors' share and throw it away. The effective weights, for export and inspection, are ``[A; A0]`` and ``[B,
+-B0]``: ``lora_B.weight @ lora_A.weight == B A - B0 A0``, so the adapter *is* a rank-2r LoRA on the original ``W``,
+which is how it is exported. ``A`` and ``B`` are trainable parameters (``factor``); ``A0`` and ``B0`` are persistent
+buffers (``anchor``), saved with the adapter and never trained.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -47,18 +49,19 @@ class _AnchoredProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, factor: torch.Tensor, anchor: torch.Tensor, kind: str) -> torch.Tensor:  # noqa: ANN001
         device_type = u.device.type
-        ctx.kind, ctx.autocast = kind, (device_type, torch.get_autocast_dtype(device_type))
-        ctx.autocast_enabled = torch.is_autocast_enabled(device_type)
+        ctx.kind, ctx.autocast = kind, None  # None: a device without autocast (meta, ...)
+        if torch.amp.is_autocast_available(device_type):
+            enabled = torch.is_autocast_enabled(device_type)
+            ctx.autocast = dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type), enabled=enabled)
         ctx.save_for_backward(u, factor, anchor)  # not the concatenated weight: rebuilt in backward, never stored
         return F.linear(u, _AnchoredProduct.weight(factor, anchor, kind))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:  # noqa: ANN001
         u, factor, anchor = ctx.saved_tensors
-        device_type, dtype = ctx.autocast
         rank = factor.shape[0] if ctx.kind == "A" else factor.shape[1]
         grad_u = grad_factor = None
-        with torch.autocast(device_type, dtype=dtype, enabled=ctx.autocast_enabled):
+        with torch.autocast(**ctx.autocast) if ctx.autocast else contextlib.nullcontext():
             if ctx.needs_input_grad[0]:
                 grad_u = grad @ _AnchoredProduct.weight(factor, anchor, ctx.kind)
             if ctx.needs_input_grad[1]:

@@ -73,6 +73,16 @@ def test_backward_keeps_no_copy_of_the_weights():
     assert saved and {t.data_ptr() for t in saved} <= own
 
 
+def test_runs_on_the_meta_device():
+    """Shape-only passes (meta tensors, no autocast there) go through forward and backward."""
+    lora_a, lora_b = (module.to("meta") for module in anchored_pair())
+    x = torch.randn(2, 5, 12, device="meta", requires_grad=True)
+    out = lora_b(lora_a(x))
+    assert out.shape == (2, 5, 10) and out.device.type == "meta"
+    out.sum().backward()
+    assert lora_a.factor.grad.shape == (4, 12) and x.grad.shape == x.shape
+
+
 def test_output_is_exactly_zero_at_init_and_grads_flow():
     a0, b0 = torch.randn(4, 12), torch.randn(10, 4)
     lora_a, lora_b = AnchoredA(a0.clone(), a0), AnchoredB(b0.clone(), b0)
