@@ -11,10 +11,10 @@ Together that is ``B A x - B0 A0 x``. At initialisation (``A == A0``, ``B == B0`
 so the adapter's output is exactly zero in any dtype, and no full-size subtraction is spent on the activations (the
 forward costs what a rank-2r LoRA's does). The backward (:class:`_AnchoredProduct`) computes the weight gradient of
 ``A`` and ``B`` only, rank r each, where autograd through the concatenated rank-2r weights would also compute the
-frozen anchors' share and throw it away. The effective weights, for export and inspection, are ``[A; A0]`` and ``[B,
--B0]``: ``lora_B.weight @ lora_A.weight == B A - B0 A0``, so the adapter *is* a rank-2r LoRA on the original ``W``,
-which is how it is exported. ``A`` and ``B`` are trainable parameters (``factor``); ``A0`` and ``B0`` are persistent
-buffers (``anchor``), saved with the adapter and never trained.
+frozen anchors' share and throw it away. The effective weights, for export and inspection, are ``[A; A0]`` and
+``[B, -B0]``: ``lora_B.weight @ lora_A.weight == B A - B0 A0``, so the adapter *is* a rank-2r LoRA on the original
+``W``, which is how it is exported. ``A`` and ``B`` are trainable parameters (``factor``); ``A0`` and ``B0`` are
+persistent buffers (``anchor``), saved with the adapter and never trained.
 """
 
 from __future__ import annotations
