@@ -53,7 +53,8 @@ def convergence_row(matrix: torch.Tensor, r: int, target: float) -> dict:
     exact = exact_energy(matrix, r)
     default, default_flops = solve(matrix, r, exact)
     trajectory, flops, oracle = [], [], None
-    cap = min(matrix.shape) // krylov_block(r) - 1
+    block = krylov_block(r)
+    cap = min(matrix.shape) // block - 1
     for steps in range(1, cap + 1):
         energy, step_flops = solve(matrix, r, exact, niter=steps, tol=0.0)
         trajectory.append(energy)
@@ -66,7 +67,6 @@ def convergence_row(matrix: torch.Tensor, r: int, target: float) -> dict:
     if default_flops not in flops:
         raise RuntimeError(f"no fixed-step solve of a {tuple(matrix.shape)} matrix matches the default one")
     taken = 1 + flops.index(default_flops)
-    block = krylov_block(r)
     return {
         "shape": list(matrix.shape),
         "steps": taken,

@@ -138,6 +138,14 @@ def chunk_size(n: int) -> int:
     return min(n, _SELECT_CHUNK, max(1 << 16, -(-n // 8)))
 
 
+def _chunks(*tensors: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Matching flat chunks (:func:`chunk_size`) of same-sized tensors, for passes with bounded scratch."""
+    flats = [t.reshape(-1) for t in tensors]
+    size = chunk_size(flats[0].numel())
+    for start in range(0, flats[0].numel(), size):
+        yield [f[start : start + size] for f in flats]
+
+
 def _kth(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest (1-based) of a flat tensor: ``kthvalue``, or a sort on :data:`SORT_SELECT_DEVICES`."""
     if values.device.type in SORT_SELECT_DEVICES:
@@ -176,8 +184,7 @@ def kth_smallest(values: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor
     # not, and fp32 sums of at most 2^24 ones are exact
     work = torch.empty(chunk_size(n), dtype=flat.dtype, device=flat.device)
     below, pieces = 0, []
-    for start in range(0, n, work.numel()):
-        part = flat[start : start + work.numel()]
+    for (part,) in _chunks(flat):
         scratch = work[: part.numel()]
         if lo is not None:
             below += int(torch.lt(part, lo, out=scratch).sum())
@@ -392,14 +399,6 @@ def truncated_svd(
     if method == "gram":
         return gram_svd(matrix, rank)
     return _exact_svd(matrix, rank, components)
-
-
-def _chunks(*tensors: torch.Tensor) -> Iterator[list[torch.Tensor]]:
-    """Matching flat chunks (:func:`chunk_size`) of same-sized tensors, for passes with bounded scratch."""
-    flats = [t.reshape(-1) for t in tensors]
-    size = chunk_size(flats[0].numel())
-    for start in range(0, flats[0].numel(), size):
-        yield [f[start : start + size] for f in flats]
 
 
 def _prior_indicators(
