@@ -65,8 +65,8 @@ def _all_finite(weight: torch.Tensor) -> bool:
     return bool(torch.isfinite(weight.amax()) and torch.isfinite(weight.amin()))
 
 
-def check_target(layer: nn.Module, name: str, r: int) -> None:
-    """Raise a clear error if GeoRA cannot be applied to ``layer`` (called before anything is modified)."""
+def check_target_type(layer: nn.Module, name: str) -> str | None:
+    """Raise a clear error if ``layer`` is of a kind GeoRA cannot wrap; return its bitsandbytes kind (or ``None``)."""
     kind = bnb_layer_kind(layer)
     if kind is None and is_quantized_layer(layer):
         raise TypeError(
@@ -80,6 +80,12 @@ def check_target(layer: nn.Module, name: str, r: int) -> None:
             "Conv1D layers (or their bitsandbytes 4-/8-bit versions) can be targeted. Adjust target_modules / "
             "exclude_modules."
         )
+    return kind
+
+
+def check_target(layer: nn.Module, name: str, r: int) -> None:
+    """Raise a clear error if GeoRA cannot be applied to ``layer`` (called before anything is modified)."""
+    kind = check_target_type(layer, name)
     weight = layer.weight
     if weight.device.type == "meta":
         return

@@ -18,7 +18,7 @@ from .checkpoint import validate_checkpoint
 from .config import GeoRAConfig
 from .fingerprint import ensure_load_hooks
 from .init_runtime import init_progress
-from .layer import GeoRALayer, GeoRALinear, bnb_layer_kind, check_target
+from .layer import GeoRALayer, GeoRALinear, bnb_layer_kind, check_target_type
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class GeoRAModel(LoraModel):
     def _create_new_module(config: GeoRAConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         name = kwargs.get("target_name") or type(base).__name__
-        check_target(base, name, kwargs["r"])
+        check_target_type(base, name)  # the weight is checked by update_layer, before anything is modified
         kwargs.pop("parameter_name", None)
         if bnb_layer_kind(base) is not None:
             from .quantized import create_quantized_module
