@@ -11,6 +11,8 @@ on ``--device``, each timing the median of ``--repeats`` synchronised runs after
   captured energy against the exact top-r energy (float64 Gram eigensolve);
 * the building blocks of one Krylov step: the two products with one block, and the dense symmetric eigensolves of
   the projected problem (CPU and device) at the sizes the solver reaches.
+* with ``--profile NAME [NAME ...]``: ``torch.profiler`` over one default Krylov solve of those matrices'
+  ``W_geo``, per op: calls, host time (where launch latency and waits for the device show) and device time.
 
 Example::
 
@@ -136,6 +138,35 @@ def matrix_row(w: torch.Tensor, args: argparse.Namespace) -> dict:
     return row
 
 
+def profile_solve(matrix: torch.Tensor, r: int, rows: int) -> dict:
+    """Per op of one default ``krylov_svd`` (after a warm-up solve): calls, self host ms and self device ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = matrix.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    krylov_svd(matrix, r)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        krylov_svd(matrix, r)
+        if cuda:
+            torch.cuda.synchronize()
+    ops = {
+        event.key: {
+            "calls": event.count,
+            "host_ms": event.self_cpu_time_total / 1e3,
+            "device_ms": getattr(event, "self_device_time_total", 0.0) / 1e3,
+        }
+        for event in prof.key_averages()
+    }
+    top = sorted(ops.items(), key=lambda kv: kv[1]["host_ms"] + kv[1]["device_ms"], reverse=True)[:rows]
+    table = [["op", "calls", "self host ms", "self device ms"]]
+    table += [[k, str(v["calls"]), f"{v['host_ms']:.2f}", f"{v['device_ms']:.2f}"] for k, v in top]
+    print(format_table(table), "\n")
+    return {"profiled_seconds": time.perf_counter() - start, "ops": ops}
+
+
 def eigh_row(n: int, device: str, repeats: int) -> dict:
     """Seconds of the dense symmetric eigensolves the Krylov solver runs at projected size ``n``."""
     a = torch.randn(n, n)
@@ -160,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-growths", type=float, nargs="*", default=[], help="CHECK_GROWTH values to sweep")
     parser.add_argument("--eigh-sizes", type=int, nargs="+", default=[64, 128, 256, 384, 512, 768])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", nargs="*", default=[], help="profile one W_geo Krylov solve of these matrices")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
                 keys = [f"krylov_growth{g:g}" for g in growths]
                 cadence.append([name, *(f"{ms(row[key])} / {row[key + '_energy']:.5f}" for key in keys)])
         print(format_table(cadence), "\n")
+    profiles = {}
+    for name in args.profile:
+        _, w_geo = _prior_indicators(weights[name], 0.2, args.r, "union", dict(seed=0))
+        print(f"profile of one Krylov solve of {name}'s W_geo:")
+        profiles[name] = profile_solve(w_geo, args.r, rows=15)
     keys = [key for key in eighs[0] if key != "n"]
     print(format_table([["eigensolve (ms)", *keys]] + [[str(e["n"]), *(ms(e[key]) for key in keys)] for e in eighs]))
     if args.out:
         info = machine_info(load_before, os.getloadavg(), args.device)
-        result = {"args": vars(args), "machine": info, "matrices": rows, "eigensolves": eighs}
+        result = {"args": vars(args), "machine": info, "matrices": rows, "eigensolves": eighs, "profiles": profiles}
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0

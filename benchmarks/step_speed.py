@@ -9,6 +9,10 @@ under the time ratio where products dominate; ``--profile`` shows where the extr
 Peak memory during training: on CUDA ``max_memory_allocated``; on CPU one fresh subprocess per method samples its
 RSS (glibc told to return large blocks at once, as in ``init_speed.py``).
 
+PEFT keeps adapters in fp32 on a half-precision base, so without autocast their products run in fp32, off a GPU's
+tensor cores, where GeoRA's rank-2r product costs more than its FLOP share; ``--autocast bf16`` runs the forward
+(and GeoRA's backward, which re-enters the forward's autocast) as TRL and accelerate do with ``bf16=True``.
+
 Examples::
 
     python benchmarks/step_speed.py --out step_speed.json
@@ -28,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,6 +53,7 @@ from peft_geora import GeoRAConfig  # noqa: E402
 logger = logging.getLogger("step_speed")
 
 METHODS = ("lora", "geora")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_peft(base: torch.nn.Module, method: str, r: int) -> torch.nn.Module:
@@ -71,8 +76,11 @@ def make_batch(args: argparse.Namespace, vocab: int) -> dict[str, torch.Tensor]:
 class Trainer:
     """One model, its AdamW optimizer and a fixed batch; :meth:`step` runs and times one training step."""
 
-    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str) -> None:
+    def __init__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str, autocast: str = "none"
+    ) -> None:
         self.model, self.batch, self.device = model, batch, device
+        self.autocast = autocast
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -81,20 +89,42 @@ class Trainer:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = self.model(**self.batch).loss
-        loss.backward()
+        self.loss().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    def loss(self) -> torch.Tensor:
+        """The forward pass, under ``torch.autocast`` when asked (as accelerate runs it for ``bf16=True``)."""
+        if self.autocast == "none":
+            return self.model(**self.batch).loss
+        with torch.autocast(self.device.split(":")[0], dtype=AUTOCAST_DTYPES[self.autocast]):
+            return self.model(**self.batch).loss
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one, which it would count as 0 FLOPs; counted
+# like the CUDA kernels (the full score matrix: causality is not accounted for there either)
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
 
 def step_flops(trainer: Trainer) -> int:
     """FLOPs of one forward and backward as ``torch.utils.flop_counter`` counts them (matrix products and attention;
     not the optimizer or elementwise work). Untimed; the gradients are dropped."""
-    with FlopCounterMode(display=False) as counter:
-        trainer.model(**trainer.batch).loss.backward()
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        trainer.loss().backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -105,7 +135,8 @@ def memory_probe(args: argparse.Namespace) -> dict:
     if not cuda:
         _return_memory_eagerly()
     base = build_model(args)
-    trainer = Trainer(make_peft(base, args.probe, args.r), make_batch(args, base.config.vocab_size), args.device)
+    batch = make_batch(args, base.config.vocab_size)
+    trainer = Trainer(make_peft(base, args.probe, args.r), batch, args.device, args.autocast)
     gc.collect()
     if cuda:
         before = torch.cuda.memory_allocated()
@@ -122,6 +153,7 @@ def memory_probe(args: argparse.Namespace) -> dict:
 
 def run_probe_subprocess(method: str, args: argparse.Namespace) -> dict | None:
     extra = ["--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
+    extra += ["--autocast", args.autocast]
     return run_probe_script(__file__, method, args, extra)
 
 
@@ -160,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per method and round")
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps per method (0: off)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument(
+        "--autocast",
+        default="none",
+        choices=["none", *AUTOCAST_DTYPES],
+        help="run the forward under torch.autocast (what TRL / accelerate do with bf16=True); default: none, so "
+        "PEFT's fp32 adapters run their products in fp32",
+    )
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -174,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in METHODS:  # two copies of the base: adapters are injected in place
         base = build_model(args)
         batch = make_batch(args, base.config.vocab_size)
-        trainers[method] = Trainer(make_peft(base, method, args.r), batch, args.device)
+        trainers[method] = Trainer(make_peft(base, method, args.r), batch, args.device, args.autocast)
     for trainer in trainers.values():
         for _ in range(args.warmup):
             trainer.step()
@@ -218,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = memory["geora"]["peak_above_model_mb"] / memory["lora"]["peak_above_model_mb"]
         print(f"GeoRA / LoRA peak memory above the model: {ratio:.3f}")
     print(
-        f"batch {args.batch} x seq {args.seq}, r={args.r}; load average before/after {load_before[0]:.1f} / "
+        f"batch {args.batch} x seq {args.seq}, r={args.r}, autocast {args.autocast}; "
+        f"load average before/after {load_before[0]:.1f} / "
         f"{load_after[0]:.1f}; torch threads {torch.get_num_threads()}"
     )
     if args.out:

@@ -295,12 +295,14 @@ def krylov_svd(
     oversample: int = DEFAULT_OVERSAMPLE,
     seed: int = 0,
     tol: float = KRYLOV_TOL,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD by a seeded randomized block Krylov method (block Lanczos on the short side's Gram).
 
     Builds an orthonormal basis ``K`` of ``span{X, G X, ..., G^d X}`` with ``G = A^T A`` on the short side, a
-    random block ``X`` of :func:`krylov_block` vectors and full re-orthogonalisation, and takes Ritz vectors from
-    the projected Gram ``K G K^T``, whose entries come for free from the re-orthogonalisation. It stops once the
+    random block ``X`` of ``block`` vectors (default :func:`krylov_block`; other sizes are for measurements) and
+    full re-orthogonalisation, and takes Ritz vectors from the projected Gram ``K G K^T``, whose entries come for
+    free from the re-orthogonalisation. It stops once the
     last ``rank`` basis vectors raised the sum of the top-``rank`` Ritz values (the captured energy, a lower bound
     of the exact one) by less than ``tol`` of it, or after ``niter`` steps (``tol=0`` runs them all; at least enough
     steps for ``rank`` vectors are taken). Convergence is checked only as often as the check (a small eigenvalue
@@ -315,7 +317,9 @@ def krylov_svd(
     small = min(m, n)
     # the basis lives on the short side, as rows: y = x A^T (long side), z = y A = x A^T A (short side)
     fwd, back = (matrix.T, matrix) if tall else (matrix, matrix.T)
-    block = min(krylov_block(rank, oversample), small)
+    if block is not None and block < 1:
+        raise ValueError(f"block must be a positive number of vectors, got {block}")
+    block = min(block or krylov_block(rank, oversample), small)
     steps = max(0, min(max(niter, math.ceil(rank / block)), small // block - 1))
     dim = (steps + 1) * block
     dtype, device = matrix.dtype, matrix.device

@@ -38,18 +38,39 @@ def test_init_speed_compares_geora_with_peft_on_one_layer(smollm2_path, tmp_path
     assert quality["anchors_reproduced_bitwise_fraction"] == 1.0
 
 
-def test_step_speed_times_geora_against_lora(smollm2_path, tmp_path):
+def test_step_flops_count_cpu_attention():
+    """torch's counter skips the CPU attention kernel; step_speed counts it like the CUDA ones (forward 4 s^2 d h,
+    backward 2.5x that)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from step_speed import CPU_ATTENTION_FLOPS
+
+    q = torch.randn(1, 3, 128, 16, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counted:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    assert counted.get_total_flops() == 3.5 * 4 * 128**2 * 16 * 3
+
+
+@pytest.mark.parametrize("autocast", ["none", "bf16"])
+def test_step_speed_times_geora_against_lora(smollm2_path, tmp_path, autocast):
     args = ["--model", str(smollm2_path), "--layers", "1", "--batch", "1", "--seq", "16", "--warmup", "0"]
-    args += ["--rounds", "1", "--steps", "1", "--no-memory"]
+    args += ["--rounds", "1", "--steps", "1", "--no-memory", "--autocast", autocast]
     result = run_script("step_speed.py", args, tmp_path / "step.json")
+    assert result["args"]["autocast"] == autocast
     assert result["geora_over_lora"] > 0 and len(result["seconds"]["geora"]) == 1
     assert 1.0 < result["geora_over_lora_flops"] < 1.2  # the rank-2r adapter, on one layer and a 16-token batch
 
 
 def test_decompose_stages_reports_stages_blocks_and_check_spacing(smollm2_path, tmp_path):
     args = ["--model", str(smollm2_path), "--layer", "3", "--matrices", "q_proj,k_proj", "--blocks", "8", "16"]
-    args += ["--check-growths", "1", "1.25", "--eigh-sizes", "64", "--repeats", "1"]
-    rows = run_script("decompose_stages.py", args, tmp_path / "stages.json")["matrices"]
+    args += ["--check-growths", "1", "1.25", "--eigh-sizes", "64", "--repeats", "1", "--profile", "q_proj"]
+    result = run_script("decompose_stages.py", args, tmp_path / "stages.json")
+    ops = result["profiles"]["q_proj"]["ops"]
+    assert ops["aten::mm"]["calls"] > 0 and ops["aten::_linalg_eigh"]["calls"] > 0  # products and eigensolves seen
+    rows = result["matrices"]
     assert rows["q_proj"]["krylov_b16_energy"] >= 0.999 and rows["q_proj"]["krylov_growth1.25_energy"] >= 0.999
     assert "krylov_b8" not in rows["k_proj"]  # 192 wide: the exact Gram path, no Krylov sweep
     assert all(rows[m]["total"] > 0 and rows[m]["threshold"] > 0 for m in rows)
@@ -71,3 +92,18 @@ def test_krylov_convergence_counts_steps_against_the_oracle_stop(smollm2_path, t
         assert row["products"] == 16 * (row["steps"] + 1)
     per_weight = result["per_weight"]
     assert result["pissa_products"] == 160 and per_weight["oracle_products"] <= per_weight["products"]
+
+
+def test_krylov_convergence_bounds_the_time_per_block_size(smollm2_path, tmp_path):
+    args = ["--model", str(smollm2_path), "--layers", "4", "--matrices", "gate_proj", "--blocks", "4", "8"]
+    args += ["--repeats", "1"]
+    result = run_script("krylov_convergence.py", args, tmp_path / "blocks.json")
+    w, w_geo = result["rows"]
+    for row in (w, w_geo):
+        assert row["blocks"]["8"]["steps"] == row["oracle"]  # bisection finds the linear scan's hindsight stop
+        assert row["blocks"]["4"]["products"] == 8 * (row["blocks"]["4"]["steps"] + 1)
+        assert all(b["seconds_per_product"] > 0 for b in row["blocks"].values())
+    assert w["pissa_seconds"] > 0 and "pissa_seconds" not in w_geo  # PiSSA sketches W once per weight
+    summary = result["blocks"]
+    assert summary["8"]["products_per_weight"] == w["oracle_products"] + w_geo["oracle_products"]
+    assert summary["4"]["over_pissa"] == summary["4"]["product_seconds"] / w["pissa_seconds"]

@@ -85,8 +85,9 @@ def test_krylov_solver_on_a_flat_masked_spectrum(shape):
     assert captured(u4, s4, vh4, masked, 16) < captured(u, sv, vh, masked, 16)
 
 
-def test_krylov_budget_knobs():
-    """``niter`` caps the steps (more steps, more energy), ``tol=0`` runs them all, tiny budgets still give rank r."""
+def test_krylov_budget_knobs(monkeypatch):
+    """``niter`` caps the steps (more steps, more energy), ``tol=0`` runs them all, tiny budgets still give rank r,
+    ``block`` sets the block size."""
     w = trained_like((500, 300), seed=11)
     masked = w * (w.abs() <= magnitude_threshold(w, 0.4))
     assert F.krylov_block(16) == 8 and F.krylov_block(64) == 32 and F.krylov_block(4) == 8
@@ -96,6 +97,19 @@ def test_krylov_budget_knobs():
     assert energies[-1] >= QUALITY
     u, s, vh = krylov_svd(masked, 16, niter=0)  # at least enough steps for r vectors
     assert u.shape == (500, 16) and vh.shape == (16, 300) and torch.isfinite(s).all()
+    # ``block`` overrides krylov_block: the Krylov space has (niter + 1) blocks of that many vectors
+    sizes = []
+    real_eigh = F._small_eigh
+    monkeypatch.setattr(
+        F, "_small_eigh", lambda matrix, vectors: sizes.append(len(matrix)) or real_eigh(matrix, vectors)
+    )
+    for block in (1, 4, None):
+        krylov_svd(masked, 16, block=block, niter=20, tol=0.0)
+    assert sizes == [21 * 1, 21 * 4, 21 * 8]
+    for block in (1, 4):
+        assert captured(*krylov_svd(masked, 16, block=block), masked, 16) >= QUALITY
+    with pytest.raises(ValueError, match="block must be a positive number of vectors, got 0"):
+        krylov_svd(masked, 16, block=0)
 
 
 def test_spaced_checks_of_the_gpu_path_keep_the_quality(monkeypatch):
