@@ -53,7 +53,7 @@ from peft_geora import GeoRAConfig  # noqa: E402
 logger = logging.getLogger("step_speed")
 
 METHODS = ("lora", "geora")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}  # fp16 would also need a GradScaler, as accelerate adds
 
 
 def make_peft(base: torch.nn.Module, method: str, r: int) -> torch.nn.Module:
