@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .functional import chunk_size
+from .functional import chunk_size, chunks
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def _abs_and_square_sums(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     total_abs = torch.zeros((), dtype=torch.float64, device=flat.device)
     total_sq = torch.zeros((), dtype=torch.float64, device=flat.device)
     size = max(1, chunk_size(flat.numel()) // 4)  # the float64 chunk and its |.|: an eighth of the weight in fp32
-    for start in range(0, flat.numel(), size):
-        chunk = flat[start : start + size].double()
+    for (part,) in chunks(flat, size=size):
+        chunk = part.double()
         total_abs += chunk.abs().sum()
         total_sq += chunk.square().sum()
     return total_abs, total_sq

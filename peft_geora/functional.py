@@ -138,12 +138,18 @@ def chunk_size(n: int) -> int:
     return min(n, _SELECT_CHUNK, max(1 << 16, -(-n // 8)))
 
 
-def _chunks(*tensors: torch.Tensor) -> Iterator[list[torch.Tensor]]:
-    """Matching flat chunks (:func:`chunk_size`) of same-sized tensors, for passes with bounded scratch."""
+def chunks(*tensors: torch.Tensor, size: int | None = None) -> Iterator[list[torch.Tensor]]:
+    """Matching flat chunks of ``size`` entries (default :func:`chunk_size`) of same-sized tensors, for passes with
+    bounded scratch."""
     flats = [t.reshape(-1) for t in tensors]
-    size = chunk_size(flats[0].numel())
+    size = size or chunk_size(flats[0].numel())
     for start in range(0, flats[0].numel(), size):
         yield [f[start : start + size] for f in flats]
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer for one chunk of a pass over ``like`` (its dtype and device)."""
+    return torch.empty(chunk_size(like.numel()), dtype=like.dtype, device=like.device)
 
 
 def _kth(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -182,9 +188,9 @@ def kth_smallest(values: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor
         return _kth(flat, k)
     # 0/1 indicators are written as floats into a chunk-sized buffer: float comparisons vectorise, boolean ones do
     # not, and fp32 sums of at most 2^24 ones are exact
-    work = torch.empty(chunk_size(n), dtype=flat.dtype, device=flat.device)
+    work = _scratch(flat)
     below, pieces = 0, []
-    for (part,) in _chunks(flat):
+    for (part,) in chunks(flat):
         scratch = work[: part.numel()]
         if lo is not None:
             below += int(torch.lt(part, lo, out=scratch).sum())
@@ -419,8 +425,8 @@ def _prior_indicators(
     a = torch.abs(w)
     tau_euc = float(kth_smallest(a, k, seed=seed))  # an fp32 value: compared exactly as a Python float
     euclidean = torch.empty_like(w, dtype=torch.bool)
-    scratch = torch.empty(chunk_size(w.numel()), dtype=w.dtype, device=w.device)
-    for mags, euc in _chunks(a, euclidean):
+    scratch = _scratch(w)
+    for mags, euc in chunks(a, euclidean):
         euc.copy_(torch.le(mags, tau_euc, out=scratch[: mags.numel()]))
     del scratch  # not held through the SVD and the second selection, where the peak is
     u, s, vh = truncated_svd(w, spectral_rank, **svd_kwargs)
@@ -433,8 +439,8 @@ def _prior_indicators(
     if priors == "euclidean":
         keep.copy_(euclidean)
     elif priors == "union":  # recomputing the Euclidean indicator beats converting the bool mask
-        scratch = torch.empty(chunk_size(w.numel()), dtype=w.dtype, device=w.device)
-        for kept, weights in _chunks(keep, w):
+        scratch = _scratch(w)
+        for kept, weights in chunks(keep, w):
             part = scratch[: kept.numel()]
             torch.maximum(kept, torch.le(torch.abs(weights, out=part), tau_euc, out=part), out=kept)
     return masks, torch.mul(w, keep, out=a)
