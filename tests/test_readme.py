@@ -20,6 +20,17 @@ def test_ci_runs_the_readme_test_command():
     assert test_commands[0] in ci
 
 
+def test_ci_installs_as_the_readme_says_from_the_lock():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    installs = [line for block in bash_blocks(readme) for line in block.splitlines() if line.startswith("pip install")]
+    assert len(installs) == 3 and all(line in ci for line in installs)
+    assert all("-c constraints.txt" in line for line in installs)
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert {"torch", "peft", "transformers", "trl", "bitsandbytes"} <= pins.keys()
+    assert "torch==" + pins["torch"] in installs[0]
+
+
 def test_readme_main_command_is_a_cli_subcommand():
     from peft_geora.cli import build_parser
 
