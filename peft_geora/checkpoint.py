@@ -4,6 +4,11 @@ PEFT injects adapter layers first and reads the weights afterwards; a missing or
 another architecture or a shape mismatch would then fail with the base model already modified (and with messages
 that do not name the file). :func:`validate_checkpoint` reads only the safetensors header and compares it with the
 model's target modules.
+
+The key format lives here too. A GeoRA adapter stores, per adapted module, ``<module>.lora_A.delta`` (``dA``, r x in),
+``<module>.lora_A.anchor`` (``A0``), ``<module>.lora_B.delta`` (``dB``, out x r) and ``<module>.lora_B.anchor``
+(``B0``, float32). Format version 1 stored ``A = A0 + dA`` and ``B = B0 + dB`` as ``factor``;
+:func:`geora_tensors_by_module` converts it.
 """
 
 from __future__ import annotations
@@ -11,13 +16,72 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])\.(?P<kind>factor|anchor)$")
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.(?P<kind>delta|anchor|factor|weight)$")
+PEFT_PREFIX = "base_model.model."
+GEORA_PARTS = ("A_delta", "A_anchor", "B_delta", "B_anchor")
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """``(module, side, kind)`` of an adapter tensor key ``<module>.lora_<A|B>.<kind>``, else None.
+
+    ``module`` is the key's prefix as written (with PEFT's ``base_model.model.`` where the file has it); ``side`` is
+    ``"A"`` or ``"B"``; ``kind`` is ``"delta"`` / ``"anchor"`` (GeoRA), ``"factor"`` (GeoRA format 1) or
+    ``"weight"`` (LoRA).
+    """
+    match = _KEY.match(key)
+    return None if match is None else (match["module"], match["side"], match["kind"])
+
+
+def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A format-2 copy of a GeoRA state dict: each format-1 ``<m>.lora_<S>.factor`` becomes ``<m>.lora_<S>.delta``
+    = ``factor - anchor`` (in the factor's dtype, in place of the factor key); other keys are kept as they are.
+
+    The subtraction is exact wherever the update is small against the factor (Sterbenz), so a format-1 adapter
+    computes bit for bit what it computed before. A state dict without ``factor`` keys is returned unchanged.
+    """
+    if not any(key.endswith(".factor") for key in state_dict):
+        return state_dict
+    upgraded = {}
+    for key, value in state_dict.items():
+        split = split_key(key)
+        anchor = key.removesuffix("factor") + "anchor"
+        if split is not None and split[2] == "factor" and anchor in state_dict:
+            upgraded[key.removesuffix("factor") + "delta"] = value - state_dict[anchor].to(value.dtype)
+        else:
+            upgraded[key] = value
+    return upgraded
+
+
+def geora_tensors_by_module(
+    tensors: dict[str, torch.Tensor], source: object = "the checkpoint"
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Group a GeoRA state dict by module: ``({module: {"A_delta", "A_anchor", "B_delta", "B_anchor"}}, rest)``.
+
+    Format-1 state dicts are upgraded (:func:`upgrade_state_dict`); ``rest`` holds the keys
+    that are not GeoRA factors (``modules_to_save``, ...). Raises ``ValueError`` naming ``source`` and the module
+    when a module lacks one of its four tensors.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, value in upgrade_state_dict(tensors).items():
+        split = split_key(key)
+        if split is None or split[2] == "weight":
+            rest[key] = value
+            continue
+        module, side, kind = split
+        parts.setdefault(module, {})[f"{side}_{kind}"] = value
+    for module, p in parts.items():
+        missing = set(GEORA_PARTS) - p.keys()
+        if missing:
+            raise ValueError(f"GeoRA: {source} is incomplete: module '{module}' lacks {sorted(missing)}")
+    return parts, rest
 
 
 def read_header(path: Path) -> dict[str, tuple[int, ...]]:
@@ -48,14 +112,16 @@ def validate_checkpoint(folder: str | Path, model: nn.Module) -> None:
     path = Path(folder) / WEIGHTS_NAME
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in read_header(path).items():
-        match = _KEY.match(key)
-        if match is not None:
-            shapes.setdefault(match["module"], {})[f"{match['side']}_{match['kind']}"] = shape
+        split = split_key(key)
+        if split is not None and split[0].startswith(PEFT_PREFIX) and split[2] != "weight":
+            module, side, kind = split
+            kind = "delta" if kind == "factor" else kind  # format 1: same shape
+            shapes.setdefault(module.removeprefix(PEFT_PREFIX), {})[f"{side}_{kind}"] = shape
     if not shapes:
-        raise ValueError(f"GeoRA: {path} holds no GeoRA factors (lora_A.factor / lora_A.anchor ...)")
+        raise ValueError(f"GeoRA: {path} holds no GeoRA factors (lora_A.delta / lora_A.anchor ...)")
     modules = dict(model.named_modules())
     for name, parts in sorted(shapes.items()):
-        missing = {"A_factor", "A_anchor", "B_factor", "B_anchor"} - parts.keys()
+        missing = set(GEORA_PARTS) - parts.keys()
         if missing:
             raise ValueError(f"GeoRA: {path} is incomplete: module '{name}' lacks {sorted(missing)}")
         if name not in modules:
@@ -64,8 +130,8 @@ def validate_checkpoint(folder: str | Path, model: nn.Module) -> None:
                 f"another architecture ({type(model).__name__} here)"
             )
         features = _features(modules[name])
-        (r, in_features), (out_features, r_b) = parts["A_factor"], parts["B_factor"]
-        consistent = parts["A_anchor"] == parts["A_factor"] and parts["B_anchor"] == parts["B_factor"] and r == r_b
+        (r, in_features), (out_features, r_b) = parts["A_delta"], parts["B_delta"]
+        consistent = parts["A_anchor"] == parts["A_delta"] and parts["B_anchor"] == parts["B_delta"] and r == r_b
         if not consistent:
             raise ValueError(f"GeoRA: {path} has inconsistent factor shapes for module '{name}': {parts}")
         if features != (out_features, in_features):

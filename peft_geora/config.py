@@ -15,8 +15,9 @@ from .init_runtime import check_init_device
 from .registry import geora_peft_type
 
 # Version of the saved adapter format. A checkpoint with a higher version was written by an incompatible newer
-# peft-geora and is refused instead of being loaded half-understood.
-FORMAT_VERSION = 1
+# peft-geora and is refused instead of being loaded half-understood. 1: trainable factors A, B stored whole
+# (``lora_A.factor``); 2: their updates dA, dB (``lora_A.delta``), see peft_geora.anchor. Version 1 still loads.
+FORMAT_VERSION = 2
 
 # LoRA options that change what the adapter computes or how it is initialised: GeoRA defines both, so these are
 # refused rather than silently ignored. Maps field -> the value that means "off".

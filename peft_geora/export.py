@@ -1,51 +1,53 @@
-"""Export a GeoRA adapter as a plain, stock PEFT LoRA of rank 2r on the original base weights.
+"""Export a GeoRA adapter as a plain, stock PEFT LoRA on the original base weights.
 
-``s (B A - B0 A0) = s [B, -B0] [A; A0]``, so with ``A' = [A; A0]`` (2r x in) and ``B' = [B, -B0]`` (out x 2r) and
-an alpha that keeps each module's scaling, any LoRA loader (stock PEFT, transformers' ``load_adapter``, vLLM)
-reproduces the GeoRA model without this package. rsLoRA and rank/alpha patterns are resolved per module: the export
-uses plain scaling ``alpha' / r'`` with ``alpha' = s * 2r`` and spells out every module that differs from the default.
+``s (B A - B0 A0) = s [B0 + dB, dB] [dA; A0]``, so with ``A' = [dA; A0]`` (2r x in) and ``B' = [B0 + dB, dB]``
+(out x 2r) and an alpha that keeps each module's scaling, any LoRA loader (stock PEFT, transformers'
+``load_adapter``, vLLM) reproduces the GeoRA model without this package. Each block rounds relative to itself, so
+the small update survives a bf16 copy of the export as a LoRA's does. rsLoRA and rank/alpha patterns are resolved
+per module: the export uses plain scaling ``alpha' / r'`` with ``alpha' = s * r'`` and spells out every module that
+differs from the default.
+
+Serving engines cap the LoRA rank (vLLM's ``--max-lora-rank``, default 16). ``rank=k`` writes instead the best
+rank-k approximation of each module's update (:func:`peft_geora.functional.truncate_product`: QR of the rank-2r
+factors and a (2r x 2r) SVD, never a dense out x in matrix), and records each module's relative error
+``||dW - dW_k||_F / ||dW||_F`` in ``geora_export.json`` beside the weights.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import logging
 import math
 import os
 import re
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import PEFT_PREFIX, geora_tensors_by_module
+from .functional import truncate_product
 from .hub import write_model_card
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_GEORA_ONLY_FIELDS = (
-    "rho",
-    "spectral_rank",
-    "priors",
-    "components",
-    "scale_convention",
-    "svd_solver",
-    "svd_niter",
-    "svd_oversample",
-    "svd_seed",
-    "init_weights",
-    "init_from_checkpoint",
-    "base_fingerprints",
-    "geora_format_version",
-)
-_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.(?P<kind>factor|anchor)$")
+REPORT_NAME = "geora_export.json"
+_LORA_FIELDS = frozenset(LoraConfig.__dataclass_fields__) - {"runtime_config"}
 
 
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
-    """PEFT's pattern lookup: the first key that matches the end of the module name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's pattern lookup (``get_pattern_key``) with a default."""
+    return patterns.get(get_pattern_key(list(patterns), module), default) if patterns else default
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """LoRA's scaling of a module: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r`` (PEFT's ``update_layer``)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def _jsonable(value: object) -> object:
@@ -75,71 +77,92 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     return config, tensors
 
 
-def geora_to_lora(config: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Convert a GeoRA config dict and state dict to a rank-2r LoRA config dict and state dict."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        match = _FACTOR_KEY.match(key)
-        if match is None:
-            out[key] = value  # e.g. modules_to_save, trainable token indices: LoRA saves them the same way
-            continue
-        parts.setdefault(match["module"], {})[f"{match['side']}_{match['kind']}"] = value
-    rank_pattern, alpha_pattern = {}, {}
-    base_r, base_alpha = config["r"], config["lora_alpha"]
+def geora_to_lora(
+    config: dict, tensors: dict[str, torch.Tensor], rank: int | None = None
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, float]]:
+    """Convert a GeoRA config dict and state dict to a LoRA config dict, state dict and per-module error.
 
-    def scaling(r: int, alpha: float) -> float:
-        return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-    new_r, new_alpha = 2 * base_r, scaling(base_r, base_alpha) * 2 * base_r
+    ``rank=None``: the exact rank-2r LoRA (errors all 0.0). ``rank=k``: each module's best rank-``min(k, 2r)``
+    approximation, with its relative Frobenius error. Factors keep the dtype of the saved deltas; ``B0 + dB`` and the
+    truncation are computed in float32 / float64 first. Format-1 state dicts are converted. Raises ``ValueError``
+    for a module that lacks one of its four tensors, or ``rank < 1``.
+    """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"GeoRA export: rank must be a positive int or None, got {rank!r}")
+    parts, out = geora_tensors_by_module(tensors)
+    base_r, base_alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
+    default_scaling = lora_scaling(base_r, base_alpha, rslora)
+    new_r = rank if rank is not None else 2 * base_r
+    rank_pattern, alpha_pattern, errors = {}, {}, {}
     for module, p in sorted(parts.items()):
-        missing = {"A_factor", "A_anchor", "B_factor", "B_anchor"} - p.keys()
-        if missing:
-            raise ValueError(f"GeoRA export: module '{module}' lacks {sorted(missing)} in the checkpoint")
-        a, b = p["A_factor"], p["B_factor"]
-        out[f"{module}.lora_A.weight"] = torch.cat([a, p["A_anchor"].to(a.dtype)], dim=0).contiguous()
-        out[f"{module}.lora_B.weight"] = torch.cat([b, -p["B_anchor"].to(b.dtype)], dim=1).contiguous()
-        r = a.shape[0]
-        name = module.removeprefix("base_model.model.")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, base_alpha)
-        r_m, alpha_m = 2 * r, scaling(r, alpha) * 2 * r
+        dtype = p["A_delta"].dtype
+        a = torch.cat([p["A_delta"].float(), p["A_anchor"].float()], dim=0)
+        b = torch.cat([p["B_anchor"].float() + p["B_delta"].float(), p["B_delta"].float()], dim=1)
+        errors[module] = 0.0
+        if rank is not None:
+            b, a, errors[module] = truncate_product(b, a, rank)
+        out[f"{module}.lora_A.weight"] = a.to(dtype).contiguous()
+        out[f"{module}.lora_B.weight"] = b.to(dtype).contiguous()
+        name = module.removeprefix(PEFT_PREFIX)
+        r = p["A_anchor"].shape[0]
+        scaling = lora_scaling(r, pattern_value(config.get("alpha_pattern") or {}, name, base_alpha), rslora)
+        r_m = a.shape[0]
         if r_m != new_r:
-            rank_pattern[re.escape(name)] = r_m
-        if not math.isclose(alpha_m, new_alpha, rel_tol=1e-12):
-            alpha_pattern[re.escape(name)] = alpha_m
-    lora_config = {k: _jsonable(v) for k, v in config.items() if k not in _GEORA_ONLY_FIELDS}
+            rank_pattern[name] = r_m
+        if not math.isclose(scaling * r_m, default_scaling * new_r, rel_tol=1e-12):
+            alpha_pattern[name] = scaling * r_m
+    lora_config = {k: _jsonable(v) for k, v in config.items() if k in _LORA_FIELDS}
     lora_config.update(
         peft_type="LORA",
         r=new_r,
-        lora_alpha=new_alpha,
+        lora_alpha=default_scaling * new_r,
         use_rslora=False,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
+        rank_pattern={_exact_pattern(k): v for k, v in rank_pattern.items()},
+        alpha_pattern={_exact_pattern(k): v for k, v in alpha_pattern.items()},
         init_lora_weights=True,
     )
-    return lora_config, out
+    return lora_config, out, errors
 
 
-def write_lora_export(config: dict, tensors: dict[str, torch.Tensor], dst: str | os.PathLike) -> Path:
-    """Convert (see :func:`geora_to_lora`) and write a stock PEFT LoRA folder: config, weights and model card."""
-    lora_config, lora_tensors = geora_to_lora(config, tensors)
+def _exact_pattern(name: str) -> str:
+    """A rank/alpha pattern key for this module (PEFT matches keys as regexes against the module name's end)."""
+    return re.escape(name)
+
+
+def write_lora_export(
+    config: dict, tensors: dict[str, torch.Tensor], dst: str | os.PathLike, rank: int | None = None
+) -> Path:
+    """Convert (see :func:`geora_to_lora`) and write a stock PEFT LoRA folder: config, weights and model card.
+
+    With ``rank``, also ``geora_export.json``: ``{"rank": k, "relative_error": {module: error}}``.
+    """
+    lora_config, lora_tensors, errors = geora_to_lora(config, tensors, rank)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     save_file(lora_tensors, str(dst / WEIGHTS_NAME), metadata={"format": "pt"})
     (dst / CONFIG_NAME).write_text(json.dumps(lora_config, indent=2, sort_keys=True))
+    if rank is not None:
+        (dst / REPORT_NAME).write_text(json.dumps({"rank": rank, "relative_error": errors}, indent=2))
+        worst = max(errors, key=errors.get, default=None)
+        if worst is not None:
+            logger.info("GeoRA rank-%d export: largest relative error %.3g (%s)", rank, errors[worst], worst)
     write_model_card(dst, base_model=config.get("base_model_name_or_path"), export=True)
     return dst
 
 
-def export_lora(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Write the rank-2r LoRA export of the GeoRA adapter saved in ``src`` to ``dst`` (created)."""
+def export_lora(src: str | os.PathLike, dst: str | os.PathLike, rank: int | None = None) -> Path:
+    """Write the LoRA export of the GeoRA adapter saved in ``src`` to ``dst`` (created): rank 2r exact, or ``rank``."""
     config, tensors = read_adapter(src)
-    return write_lora_export(config, tensors, dst)
+    return write_lora_export(config, tensors, dst, rank)
 
 
-def save_as_lora(peft_model, dst: str | os.PathLike, adapter_name: str = "default") -> Path:  # noqa: ANN001
-    """Save ``adapter_name`` of a GeoRA ``PeftModel`` (or ``GeoRAModel``) as a stock rank-2r LoRA in ``dst``."""
+def save_as_lora(peft_model, dst: str | os.PathLike, adapter_name: str = "default", rank: int | None = None) -> Path:  # noqa: ANN001
+    """Save ``adapter_name`` of a GeoRA ``PeftModel`` (or ``GeoRAModel``) as a stock LoRA in ``dst``.
+
+    ``rank=None`` (default): the exact rank-2r LoRA. ``rank=k``: the best rank-k approximation of each module's update,
+    with per-module relative errors in ``dst/geora_export.json``.
+    """
     from peft import PeftModel
 
     tuner = peft_model.base_model if isinstance(peft_model, PeftModel) else peft_model
-    return tuner.save_as_lora(dst, adapter_name)
+    return tuner.save_as_lora(dst, adapter_name, rank=rank)

@@ -524,3 +524,28 @@ def geora_decompose(
 def geora_init_factors(weight: torch.Tensor, r: int = 16, **kwargs) -> GeoRAFactors:
     """Initial factors ``(A0, B0)`` of GeoRA for ``weight``; ``kwargs`` as in :func:`geora_decompose`."""
     return geora_decompose(weight, r, **kwargs).factors
+
+
+def truncate_product(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-``k`` approximation of ``b @ a`` as factors, without forming the (out x in) product.
+
+    ``b`` is (out x q), ``a`` is (q x in). QR of ``b`` and of ``a^T`` reduce the product to a (q x q) core whose SVD
+    gives the Eckart-Young optimum in the Frobenius norm: returns ``(B_k, A_k, rel_err)`` with ``B_k`` (out x k'),
+    ``A_k`` (k' x in), ``k' = min(k, q)``, the singular values split as ``sqrt(S)`` on both sides, and
+    ``rel_err = ||b a - B_k A_k||_F / ||b a||_F`` (0.0 for a zero product). Computed in float64, returned in
+    ``b``'s dtype. Raises ``ValueError`` for ``k < 1`` or factors whose inner dimensions differ.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"truncate_product: rank k must be a positive int, got {k!r}")
+    if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+        raise ValueError(f"truncate_product: factors {tuple(b.shape)} and {tuple(a.shape)} do not multiply")
+    q_b, r_b = torch.linalg.qr(b.double())
+    q_a, r_a = torch.linalg.qr(a.double().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    k = min(k, s.numel())
+    root = s[:k].sqrt()
+    total = float(s.square().sum())
+    rel_err = math.sqrt(max(total - float(s[:k].square().sum()), 0.0) / total) if total > 0 else 0.0
+    b_k = (q_b @ u[:, :k]) * root
+    a_k = root[:, None] * (vh[:k] @ q_a.T)
+    return b_k.to(b.dtype), a_k.to(b.dtype), rel_err

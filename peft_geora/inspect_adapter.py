@@ -1,9 +1,10 @@
 """``peft-geora inspect ADAPTER_DIR``: where a saved GeoRA or LoRA adapter moved each weight, without building a model.
 
 Reads ``adapter_config.json`` and ``adapter_model.safetensors`` directly, rebuilds every layer's update ``dW``
-(GeoRA, keys ``lora_A.factor/anchor``: ``s (B A - B0 A0)``; LoRA, keys ``lora_A.weight``: ``s B A``), reads only the
-matching weights ``W`` from the base folder's safetensors, and reports per layer ``||dW||_F``, S_head and the
-normalised spectral shift (definitions in :mod:`peft_geora.diagnostics`), as a table and optionally a PNG heatmap.
+(GeoRA, keys ``lora_A.delta/anchor``: ``s ((B0 + dB) dA + dB A0)``; LoRA, keys ``lora_A.weight``: ``s B A``),
+reads only the matching weights ``W`` from the base folder's safetensors, and reports per layer ``||dW||_F``, S_head
+and the normalised spectral shift (definitions in :mod:`peft_geora.diagnostics`),
+as a table and optionally a PNG heatmap.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .checkpoint import GEORA_PARTS, PEFT_PREFIX, geora_tensors_by_module, split_key
 from .diagnostics import DEFAULT_TOP_K, EXACT_LIMIT, update_diagnostics
+from .export import lora_scaling, pattern_value
 from .report import layer_type
 
 logger = logging.getLogger(__name__)
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<side>lora_A|lora_B)\.(?P<part>factor|anchor|weight)$")
 # LoRA initialisations that rewrite the base weights: an unconverted adapter was trained on that residual base
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
 _TITLES = {"s_head": "S_head (energy share on W's top-k)", "spectral_shift": "spectral shift (NSS)"}
@@ -41,34 +43,28 @@ def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, dic
         raise FileNotFoundError(f"{weights} not found (only safetensors adapters are supported)")
     modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     with safe_open(str(weights), framework="pt") as fh:
-        for key in fh.keys():
-            match = _KEY.match(key)
-            if match:
-                modules[match["module"]][f"{match['side']}.{match['part']}"] = fh.get_tensor(key).float()
+        tensors = {key: fh.get_tensor(key).float() for key in fh.keys() if split_key(key) is not None}
+    geora, lora = geora_tensors_by_module(tensors, weights)
+    for key, value in lora.items():
+        module, side, kind = split_key(key)
+        modules[module.removeprefix(PEFT_PREFIX)][f"{side}_{kind}"] = value
+    modules.update({module.removeprefix(PEFT_PREFIX): parts for module, parts in geora.items()})
     return config, dict(modules)
-
-
-def _pattern_value(pattern: dict[str, Any], module_key: str, default: Any) -> Any:
-    from peft.utils.other import get_pattern_key
-
-    return pattern.get(get_pattern_key(list(pattern), module_key), default) if pattern else default
 
 
 def module_delta(
     config: dict[str, Any], module_key: str, tensors: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, int]:
     """``(dW, r)`` of one module, ``dW`` (out x in) with PEFT's scaling (rank/alpha patterns, rsLoRA)."""
-    if "lora_A.factor" in tensors:
-        a, b, a0, b0 = (tensors[k] for k in ("lora_A.factor", "lora_B.factor", "lora_A.anchor", "lora_B.anchor"))
-        rank = a.shape[0]
-    else:
-        a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
-        rank = a.shape[0]
-    r = _pattern_value(config.get("rank_pattern") or {}, module_key, config.get("r") or rank)
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module_key, config.get("lora_alpha") or r)
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    delta = b @ a - b0 @ a0 if "lora_A.factor" in tensors else b @ a
-    return delta * scaling, rank
+    geora = "A_delta" in tensors
+    rank = tensors["A_delta" if geora else "A_weight"].shape[0]
+    r = pattern_value(config.get("rank_pattern") or {}, module_key, config.get("r") or rank)
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module_key, config.get("lora_alpha") or r)
+    scaling = lora_scaling(r, alpha, bool(config.get("use_rslora")))
+    if geora:
+        da, a0, db, b0 = (tensors[k] for k in GEORA_PARTS)
+        return ((b0 + db) @ da + db @ a0) * scaling, rank
+    return tensors["B_weight"] @ tensors["A_weight"] * scaling, rank
 
 
 def resolve_base(config: dict[str, Any], base: str | Path | None) -> tuple[Path, str | None]:
@@ -150,7 +146,7 @@ def inspect_adapter(
             weight = weight.T
         if weight.shape != delta.shape:
             raise ValueError(f"'{key}': base weight {tuple(weight.shape)} does not fit dW {tuple(delta.shape)}")
-        kind = "geora" if "lora_A.factor" in modules[key] else "lora"
+        kind = "geora" if "A_delta" in modules[key] else "lora"
         delta_rank = 2 * rank if kind == "geora" else rank
         stats = update_diagnostics(weight, delta, top_k or rank, exact_limit=exact_limit, delta_rank=delta_rank)
         rows.append({"module": key, "kind": kind, "shape": tuple(delta.shape), "r": rank, **stats})

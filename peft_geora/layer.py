@@ -147,25 +147,26 @@ class GeoRALayer:
         if placeholder.device.type == "meta" or base_weight.device.type == "meta":
             a0 = torch.empty(r, self.in_features, device="meta")
             b0 = torch.empty(self.out_features, r, device="meta")
-            a, b = a0, b0
+            da, db = a0, b0
         elif awaiting and not self._reusable(adapter_name, key):
             a0 = torch.full((r, self.in_features), float("nan"))
             b0 = torch.full((self.out_features, r), float("nan"))
-            a, b = a0.clone(), b0.clone()
+            da, db = a0.clone(), b0.clone()
         elif not config.init_weights:
-            a = placeholder.detach().float().clone()
-            b = torch.randn(self.out_features, r) / math.sqrt(r)
-            a0, b0 = torch.randn_like(a) / math.sqrt(self.in_features), torch.randn_like(b) / math.sqrt(r)
+            a0 = torch.randn(r, self.in_features) / math.sqrt(self.in_features)
+            b0 = torch.randn(self.out_features, r) / math.sqrt(r)
+            da = placeholder.detach().float().clone()
+            db = torch.randn(self.out_features, r) / math.sqrt(r)
             awaiting = False
         else:
             a0, b0, report = self._decomposition(adapter_name, config, key, target_name)
-            a, b = a0.clone(), b0.clone()
+            da, db = torch.zeros_like(a0), torch.zeros_like(b0)
             awaiting = False
         if not awaiting and base_weight.device.type != "meta":
             expected = self.geora_fingerprint()
             config.base_fingerprints[target_name] = expected
-        self.lora_A[adapter_name] = AnchoredA(a, a0, awaiting_checkpoint=awaiting)
-        self.lora_B[adapter_name] = AnchoredB(b, b0, awaiting_checkpoint=awaiting)
+        self.lora_A[adapter_name] = AnchoredA(da, a0, awaiting_checkpoint=awaiting)
+        self.lora_B[adapter_name] = AnchoredB(db, b0, awaiting_checkpoint=awaiting)
         self.geora_settings[adapter_name] = key
         self.geora_reports[adapter_name] = report
         self.geora_expected_fingerprint[adapter_name] = expected
@@ -231,19 +232,20 @@ class GeoRALayer:
             return weight_fingerprint(weight)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """``s (B A - B0 A0)`` as two products, so it is exactly zero at initialisation."""
+        """``s (B A - B0 A0) = s ((B0 + dB) dA + dB A0)``: each product relative to itself, exactly zero at init.
+
+        Shape of the base weight, in the delta's dtype (half precision on the CPU is computed in float32 and cast).
+        """
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
         if not isinstance(lora_A, AnchoredA):
             return super().get_delta_weight(adapter)
         lora_A.check_ready()
-        dtype = lora_B.factor.dtype
-        cast_to_fp32 = lora_B.factor.device.type == "cpu" and dtype in _HALF
-        a, a0 = lora_A.factor, lora_A.anchor_like_factor()
-        b, b0 = lora_B.factor, lora_B.anchor_like_factor()
-        if cast_to_fp32:
-            a, a0, b, b0 = a.float(), a0.float(), b.float(), b0.float()
-        delta = transpose(b @ a - b0 @ a0, self.fan_in_fan_out) * self.scaling[adapter]
-        return delta.to(dtype) if cast_to_fp32 else delta
+        dtype = lora_B.delta.dtype
+        compute = torch.float32 if lora_B.delta.device.type == "cpu" and dtype in _HALF else dtype
+        da, a0 = lora_A.delta.to(compute), lora_A.anchor.to(compute)
+        db, b0 = lora_B.delta.to(compute), lora_B.anchor.to(compute)
+        delta = transpose((b0 + db) @ da + db @ a0, self.fan_in_fan_out) * self.scaling[adapter]
+        return delta.to(dtype)
 
     def __repr__(self) -> str:
         return "geora." + nn.Module.__repr__(self)

@@ -14,7 +14,7 @@ from peft.utils import _get_submodules
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import validate_checkpoint
+from .checkpoint import upgrade_state_dict, validate_checkpoint
 from .config import GeoRAConfig
 from .fingerprint import ensure_load_hooks
 from .init_runtime import init_progress
@@ -74,8 +74,9 @@ class GeoRAModel(LoraModel):
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(list(MODEL_TAGS))
 
-    def save_as_lora(self, dst: str | os.PathLike, adapter_name: str = "default") -> Path:
-        """Write ``adapter_name`` as a stock PEFT LoRA of rank 2r (``B' = [B, -B0]``, ``A' = [A; A0]``) to ``dst``.
+    def save_as_lora(self, dst: str | os.PathLike, adapter_name: str = "default", rank: int | None = None) -> Path:
+        """Write ``adapter_name`` as a stock PEFT LoRA to ``dst``: exact rank 2r (``B' = [B0 + dB, dB]``,
+        ``A' = [dA; A0]``), or the best rank-``rank`` approximation (see :mod:`peft_geora.export`).
 
         The folder loads with stock PEFT and transformers' ``load_adapter`` without peft-geora.
         """
@@ -88,7 +89,16 @@ class GeoRAModel(LoraModel):
         tensors = {f"base_model.{key}": value.detach().cpu() for key, value in state.items()}
         config_dict = config.to_dict()
         config_dict["base_model_name_or_path"] = config.base_model_name_or_path or self.model.name_or_path or None
-        return write_lora_export(config_dict, tensors, dst)
+        return write_lora_export(config_dict, tensors, dst, rank)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: GeoRAConfig, adapter_name: str, state_dict: dict
+    ) -> dict:
+        """PEFT's key remapping, after upgrading a format-1 checkpoint (``factor`` keys) to format 2."""
+        return super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=upgrade_state_dict(state_dict)
+        )
 
     def geora_init_report(self, adapter_name: str = "default") -> dict[str, dict[str, float]]:
         """Per-module statistics of the initialisation of ``adapter_name`` (empty for loaded adapters)."""

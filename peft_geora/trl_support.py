@@ -2,12 +2,12 @@
 
 ``trl.experimental.async_grpo`` can push just the LoRA adapter to a vLLM server instead of merged weights. It
 accepts any ``LoraConfig`` (GeoRAConfig is one) and saves the adapter with ``save_pretrained``, which for GeoRA is
-the anchored format (``lora_A.factor`` / ``lora_A.anchor`` ...) that vLLM's LoRA loader does not understand. vLLM
+the anchored format (``lora_A.delta`` / ``lora_A.anchor`` ...) that vLLM's LoRA loader does not understand. vLLM
 would then serve something other than the policy. So when that module is imported, its two helpers are wrapped:
 
 * ``validate_lora_for_vllm_sync`` reports a GeoRA adapter as the rank-2r LoRA it is (so the server's
   ``--max-lora-rank`` is checked against 2r);
-* ``save_lora_adapter`` writes a GeoRA adapter as its rank-2r LoRA export (``B' = [B, -B0]``, ``A' = [A; A0]``),
+* ``save_lora_adapter`` writes a GeoRA adapter as its rank-2r LoRA export (``B' = [B0 + dB, dB]``, ``A' = [dA; A0]``),
   which vLLM serves exactly; other adapters go through TRL's own code unchanged.
 
 The wrapping happens through an import hook, so it does not matter whether TRL or peft-geora is imported first,
@@ -37,12 +37,12 @@ def lora_export_config(config: Any) -> Any:
 
     TRL uses it to check the adapter's rank against the server's ``--max-lora-rank``.
     """
-    import math
-
     from peft import LoraConfig
 
+    from .export import lora_scaling
+
     def scaling(r: int, alpha: float) -> float:
-        return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        return lora_scaling(r, alpha, config.use_rslora)
 
     names = set(LoraConfig.__dataclass_fields__) - {"peft_type", "runtime_config"}
     data = {name: getattr(config, name) for name in names}

@@ -68,3 +68,10 @@ def smollm2_path():
     from peft_geora.default_model import default_model_path
 
     return default_model_path()
+
+
+def full_factors(layer, adapter: str = "default") -> tuple[torch.Tensor, ...]:
+    """``(A, A0, B, B0)`` of a GeoRA layer in float32: the factors ``A0 + dA``, ``B0 + dB`` and the frozen anchors."""
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    a0, b0 = lora_a.anchor.float(), lora_b.anchor.float()
+    return (a0 + lora_a.delta.float()).detach(), a0, (b0 + lora_b.delta.float()).detach(), b0

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from peft_geora import AnchoredA, AnchoredB
+from peft_geora.checkpoint import upgrade_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -18,40 +19,42 @@ def seeded():
 def anchored_pair(r=4, n_in=12, n_out=10, seed=0):
     gen = torch.Generator().manual_seed(seed)
     a0, b0 = torch.randn(r, n_in, generator=gen), torch.randn(n_out, r, generator=gen)
-    a, b = a0 + 0.1 * torch.randn(r, n_in, generator=gen), b0 + 0.1 * torch.randn(n_out, r, generator=gen)
-    return AnchoredA(a, a0), AnchoredB(b, b0)
+    da, db = 0.1 * torch.randn(r, n_in, generator=gen), 0.1 * torch.randn(n_out, r, generator=gen)
+    return AnchoredA(da, a0), AnchoredB(db, b0)
 
 
 def formula_grads(lora_a, lora_b, x, g):
-    """Gradients of ``<g, B A x - B0 A0 x>`` by plain autograd on the formula."""
-    a = lora_a.factor.detach().clone().requires_grad_()
-    b = lora_b.factor.detach().clone().requires_grad_()
+    """Gradients of ``<g, B A x - B0 A0 x>`` (``A = A0 + dA``, ``B = B0 + dB``) by plain autograd on the formula:
+    the gradient with respect to ``dA`` is the one with respect to ``A``."""
+    a0, b0 = lora_a.anchor_like_delta(), lora_b.anchor_like_delta()
+    a = (a0 + lora_a.delta).detach().clone().requires_grad_()
+    b = (b0 + lora_b.delta).detach().clone().requires_grad_()
     x = x.detach().clone().requires_grad_()
-    ((x @ a.T @ b.T - x @ lora_a.anchor.T @ lora_b.anchor.T) * g).sum().backward()
+    ((x @ a.T @ b.T - x @ a0.T @ b0.T) * g).sum().backward()
     return a.grad, b.grad, x.grad
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 3)])
 def test_anchored_pair_has_the_gradients_of_the_formula(shape):
-    """``[(A - A0) x; A0 x]`` then ``[B, B - B0]`` trains A, B and passes gradients to x like ``B A x - B0 A0 x``."""
+    """``[dA x; A0 x]`` then ``[B0 + dB, dB]`` trains dA, dB and passes gradients to x like ``B A x - B0 A0 x``."""
     lora_a, lora_b = anchored_pair()
     x, g = torch.randn(*shape, 12, requires_grad=True), torch.randn(*shape, 10)
     (lora_b(lora_a(x)) * g).sum().backward()
     a_grad, b_grad, x_grad = formula_grads(lora_a, lora_b, x, g)
-    torch.testing.assert_close(lora_a.factor.grad, a_grad)
-    torch.testing.assert_close(lora_b.factor.grad, b_grad)
+    torch.testing.assert_close(lora_a.delta.grad, a_grad)
+    torch.testing.assert_close(lora_b.delta.grad, b_grad)
     torch.testing.assert_close(x.grad, x_grad)
     assert lora_a.anchor.grad is None and lora_b.anchor.grad is None
 
 
 def test_frozen_factors_still_pass_the_input_gradient():
     lora_a, lora_b = anchored_pair()
-    lora_a.factor.requires_grad_(False)
-    lora_b.factor.requires_grad_(False)
+    lora_a.delta.requires_grad_(False)
+    lora_b.delta.requires_grad_(False)
     x, g = torch.randn(5, 12, requires_grad=True), torch.randn(5, 10)
     (lora_b(lora_a(x)) * g).sum().backward()
     torch.testing.assert_close(x.grad, formula_grads(lora_a, lora_b, x, g)[2])
-    assert lora_a.factor.grad is None and lora_b.factor.grad is None
+    assert lora_a.delta.grad is None and lora_b.delta.grad is None
 
 
 def test_backward_skips_the_anchors_weight_gradient():
@@ -75,7 +78,7 @@ def test_backward_keeps_no_copy_of_the_weights():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         hidden = lora_a(x)
         lora_b(hidden)
-    own = {t.data_ptr() for t in (x, hidden, lora_a.factor, lora_a.anchor, lora_b.factor, lora_b.anchor)}
+    own = {t.data_ptr() for t in (x, hidden, lora_a.delta, lora_a.anchor, lora_b.delta, lora_b.anchor)}
     assert saved and {t.data_ptr() for t in saved} <= own
 
 
@@ -86,17 +89,17 @@ def test_runs_on_the_meta_device():
     out = lora_b(lora_a(x))
     assert out.shape == (2, 5, 10) and out.device.type == "meta"
     out.sum().backward()
-    assert lora_a.factor.grad.shape == (4, 12) and x.grad.shape == x.shape
+    assert lora_a.delta.grad.shape == (4, 12) and x.grad.shape == x.shape
 
 
 def test_output_is_exactly_zero_at_init_and_grads_flow():
     a0, b0 = torch.randn(4, 12), torch.randn(10, 4)
-    lora_a, lora_b = AnchoredA(a0.clone(), a0), AnchoredB(b0.clone(), b0)
+    lora_a, lora_b = AnchoredA(torch.zeros_like(a0), a0), AnchoredB(torch.zeros_like(b0), b0)
     x = torch.randn(3, 12, requires_grad=True)
     out = lora_b(lora_a(x))
     assert torch.equal(out, torch.zeros_like(out))
     out.pow(2).sum().backward()  # zero loss gradient at init: gradients exist and are zero
-    assert torch.equal(lora_a.factor.grad, torch.zeros_like(a0))
+    assert torch.equal(lora_a.delta.grad, torch.zeros_like(a0))
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -116,14 +119,14 @@ def test_bf16_autocast_backward_is_as_accurate_as_autograd_and_keeps_fp32_grads(
         out = lora_b(lora_a(x))
     assert out.dtype == torch.bfloat16
     (out.float() * g).sum().backward()
-    ours = (lora_a.factor.grad, lora_b.factor.grad, x.grad)
+    ours = (lora_a.delta.grad, lora_b.delta.grad, x.grad)
     assert ours[0].dtype == ours[1].dtype == torch.float32
-    a = lora_a.factor.detach().clone().requires_grad_()
-    b = lora_b.factor.detach().clone().requires_grad_()
+    a = lora_a.delta.detach().clone().requires_grad_()
+    b = lora_b.delta.detach().clone().requires_grad_()
     xr = x.detach().clone().requires_grad_()
     with torch.autocast(device, dtype=torch.bfloat16):
-        weight_a = torch.cat([a - lora_a.anchor, lora_a.anchor])
-        weight_b = torch.cat([b, b - lora_b.anchor], dim=1)
+        weight_a = torch.cat([a, lora_a.anchor])
+        weight_b = torch.cat([lora_b.anchor + b, b], dim=1)
         ref = torch.nn.functional.linear(torch.nn.functional.linear(xr, weight_a), weight_b)
     (ref.float() * g).sum().backward()
     torch.testing.assert_close(out, ref)
@@ -140,8 +143,59 @@ def test_compiles_into_one_graph_with_the_same_gradients():
     x = torch.randn(5, 12, requires_grad=True)
     compiled = torch.compile(lambda inputs: lora_b(lora_a(inputs)), backend="aot_eager", fullgraph=True)
     compiled(x).sum().backward()
-    grads = (lora_a.factor.grad.clone(), lora_b.factor.grad.clone(), x.grad.clone())
-    lora_a.factor.grad = lora_b.factor.grad = x.grad = None
+    grads = (lora_a.delta.grad.clone(), lora_b.delta.grad.clone(), x.grad.clone())
+    lora_a.delta.grad = lora_b.delta.grad = x.grad = None
     lora_b(lora_a(x)).sum().backward()
-    for compiled_grad, eager_grad in zip(grads, (lora_a.factor.grad, lora_b.factor.grad, x.grad)):
+    for compiled_grad, eager_grad in zip(grads, (lora_a.delta.grad, lora_b.delta.grad, x.grad)):
         torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "to_fp16_with_device"])
+def test_a_cast_moves_the_anchor_but_keeps_it_float32(cast):
+    """Casting the model rounds the trainable delta (as it rounds a LoRA's factors), never the frozen anchor: the
+    anchor is used in the delta's dtype, so the module computes in one dtype."""
+    lora_a, lora_b = anchored_pair()
+    anchors = (lora_a.anchor.clone(), lora_b.anchor.clone())
+    for module in (lora_a, lora_b):
+        if cast == "to_bf16":
+            module.to(torch.bfloat16)
+        elif cast == "half":
+            module.half()
+        else:
+            module.to("cpu", dtype=torch.float16)
+    assert lora_a.delta.dtype == lora_b.delta.dtype != torch.float32
+    assert lora_a.anchor.dtype == lora_b.anchor.dtype == torch.float32
+    assert torch.equal(lora_a.anchor, anchors[0]) and torch.equal(lora_b.anchor, anchors[1])
+    x = torch.randn(3, 12).to(lora_a.delta.dtype)
+    assert lora_b(lora_a(x)).dtype == lora_a.delta.dtype
+    lora_a.float()
+    assert torch.equal(lora_a.anchor, anchors[0])
+
+
+def test_a_format_1_state_dict_upgrades_to_the_update():
+    """Format 1 stored ``A`` itself as ``factor``; the upgrade gives ``dA = A - A0``, bit-exact where the update is
+    small against the factor (the subtraction is then exact), and the module computes what format 1 computed."""
+    lora_a, lora_b = anchored_pair()
+    a = (lora_a.anchor + lora_a.delta).detach()
+    b = (lora_b.anchor + lora_b.delta).detach()
+    old = {
+        "x.lora_A.factor": a,
+        "x.lora_A.anchor": lora_a.anchor,
+        "x.lora_B.factor": b,
+        "x.lora_B.anchor": lora_b.anchor,
+    }
+    new = upgrade_state_dict(old)
+    assert list(new) == ["x.lora_A.delta", "x.lora_A.anchor", "x.lora_B.delta", "x.lora_B.anchor"]
+    assert torch.equal(new["x.lora_A.delta"], a - lora_a.anchor) and torch.equal(new["x.lora_B.anchor"], lora_b.anchor)
+    assert torch.equal(new["x.lora_B.anchor"] + new["x.lora_B.delta"], b)
+    fresh_a, fresh_b = (
+        AnchoredA(torch.zeros(4, 12), torch.zeros(4, 12)),
+        AnchoredB(torch.zeros(10, 4), torch.zeros(10, 4)),
+    )
+    fresh_a.load_state_dict({k.removeprefix("x.lora_A."): v for k, v in new.items() if "lora_A" in k})
+    fresh_b.load_state_dict({k.removeprefix("x.lora_B."): v for k, v in new.items() if "lora_B" in k})
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        expected = x @ a.T @ b.T - x @ lora_a.anchor.T @ lora_b.anchor.T
+        torch.testing.assert_close(fresh_b(fresh_a(x)), expected)
+    assert upgrade_state_dict(new) is new

@@ -176,7 +176,7 @@ def test_invariants_hold_on_the_gathered_weights(run):
 def test_adapter_saved_on_rank0_reloads_exactly(run):
     _, ranks = run
     for result in ranks:
-        assert result["plain"]["reload_tensors"] == 56  # 14 modules x (A, B) x (factor, anchor)
+        assert result["plain"]["reload_tensors"] == 56  # 14 modules x (A, B) x (delta, anchor)
         assert result["plain"]["reload_bitwise"] and result["plain"]["reload_logits_bitwise"]
 
 

@@ -64,7 +64,7 @@ def _saved(tmp_path, base_model, config, names, scale, folder):
 @pytest.fixture
 def geora_adapter(tmp_path):
     config = GeoRAConfig(r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 16})
-    return _saved(tmp_path, make_tiny_model(), config, ("factor",), 0.01, "geora")
+    return _saved(tmp_path, make_tiny_model(), config, ("delta",), 0.01, "geora")
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_gpt2_conv1d_adapter_is_transposed_right(tmp_path):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config)
     geora = GeoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"])
-    model, base_dir, adapter_dir = _saved(tmp_path, base, geora, ("factor",), 0.01, "gpt2")
+    model, base_dir, adapter_dir = _saved(tmp_path, base, geora, ("delta",), 0.01, "gpt2")
     rows, _ = inspect_adapter(adapter_dir, base=base_dir)
     expected = _expected(model)
     assert {r["module"] for r in rows} == set(expected) and rows[0]["shape"] in {(96, 32), (128, 32)}

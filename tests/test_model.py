@@ -11,7 +11,7 @@ from torch import nn
 from peft_geora import AnchoredA, AnchoredB, GeoRAConfig, GeoRALayer
 from peft_geora.functional import geora_init_factors
 
-from .conftest import assert_bitwise_equal, make_tiny_model, state_snapshot, tiny_inputs
+from .conftest import assert_bitwise_equal, full_factors, make_tiny_model, state_snapshot, tiny_inputs
 
 
 def logits(model, inputs):
@@ -60,7 +60,7 @@ def test_bf16_adapter_dtypes_stay_exact(autocast_adapter_dtype):
     peft_model = get_peft_model(model, GeoRAConfig(r=8), autocast_adapter_dtype=autocast_adapter_dtype)
     layer = next(iter(geora_layers(peft_model).values()))
     expected = torch.float32 if autocast_adapter_dtype else torch.bfloat16
-    assert layer.lora_A["default"].factor.dtype == expected
+    assert layer.lora_A["default"].delta.dtype == expected
     assert torch.equal(logits(peft_model, inputs), base)
 
 
@@ -80,7 +80,7 @@ def test_after_training_disable_adapter_gives_base_and_only_factors_train():
     base = logits(model, inputs)
     peft_model = get_peft_model(model, GeoRAConfig(r=4, lora_dropout=0.1))
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.endswith(("lora_A.default.factor", "lora_B.default.factor")) for n in trainable)
+    assert trainable and all(n.endswith(("lora_A.default.delta", "lora_B.default.delta")) for n in trainable)
     buffers_before = {n: b.clone() for n, b in peft_model.named_buffers() if n.endswith(".anchor")}
     factors_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
@@ -103,8 +103,7 @@ def test_layer_computes_the_anchored_formula_and_delta():
     peft_model = get_peft_model(model, GeoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0))
     train_steps(peft_model, tiny_inputs())
     layer = peft_model.base_model.model.model.layers[1].mlp.down_proj
-    a, a0 = layer.lora_A["default"].factor, layer.lora_A["default"].anchor
-    b, b0 = layer.lora_B["default"].factor, layer.lora_B["default"].anchor
+    a, a0, b, b0 = full_factors(layer)
     assert isinstance(layer.lora_A["default"], AnchoredA) and isinstance(layer.lora_B["default"], AnchoredB)
     s = layer.scaling["default"]
     assert s == 2.0
@@ -128,7 +127,7 @@ def test_init_equals_the_functional_core():
     a0, b0 = geora_init_factors(w, 6, rho=0.3, solver="exact", scale_divisor=2.0)
     assert torch.equal(layer.lora_A["default"].anchor, a0)
     assert torch.equal(layer.lora_B["default"].anchor, b0)
-    assert torch.equal(layer.lora_A["default"].factor, a0)
+    assert not layer.lora_A["default"].delta.any() and not layer.lora_B["default"].delta.any()
 
 
 def test_merge_at_init_is_exact_and_merged_matches_adapter():
@@ -189,8 +188,8 @@ def test_rank_and_alpha_patterns():
     peft_model = get_peft_model(model, config)
     q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     v = peft_model.base_model.model.model.layers[0].self_attn.v_proj
-    assert q.lora_A["default"].factor.shape[0] == 2 and q.scaling["default"] == 3.0
-    assert v.lora_A["default"].factor.shape[0] == 4 and v.scaling["default"] == 2.0
+    assert q.lora_A["default"].delta.shape[0] == 2 and q.scaling["default"] == 3.0
+    assert v.lora_A["default"].delta.shape[0] == 4 and v.scaling["default"] == 2.0
     assert q.lora_A["default"].anchor.shape == (2, 64)
 
 

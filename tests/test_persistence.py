@@ -74,7 +74,7 @@ def test_saved_files_hold_every_geora_field_and_both_factor_kinds(saved):
     assert config["init_from_checkpoint"] is True and config["geora_format_version"] == FORMAT_VERSION
     assert len(config["base_fingerprints"]) == 14
     keys = load_file(folder / "adapter_model.safetensors").keys()
-    for suffix in ("lora_A.factor", "lora_A.anchor", "lora_B.factor", "lora_B.anchor"):
+    for suffix in ("lora_A.delta", "lora_A.anchor", "lora_B.delta", "lora_B.anchor"):
         assert sum(k.endswith(suffix) for k in keys) == 14
 
 
@@ -117,7 +117,7 @@ def test_every_loader_restores_exactly_without_svd(saved, no_decomposition, tmp_
     # a trainable reload keeps training only the factors
     trainable = PeftModel.from_pretrained(make_tiny_model(), folder, is_trainable=True)
     names = [n for n, p in trainable.named_parameters() if p.requires_grad]
-    assert names and all(n.endswith(".factor") for n in names)
+    assert names and all(n.endswith(".delta") for n in names)
 
 
 def test_wrong_base_warns_with_module_names_and_can_raise(saved):
@@ -178,7 +178,44 @@ def test_config_from_a_newer_incompatible_version(saved):
     config = json.loads((folder / "adapter_config.json").read_text())
     config["geora_format_version"] = FORMAT_VERSION + 1
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    assert_fails_untouched(folder, make_tiny_model(), ValueError, "format version 2.*upgrade peft-geora")
+    newer = f"format version {FORMAT_VERSION + 1}.*upgrade peft-geora"
+    assert_fails_untouched(folder, make_tiny_model(), ValueError, newer)
+
+
+V1_FIXTURE = Path(__file__).parent / "fixtures" / "geora_v1"
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_adapter"])
+def test_a_format_1_adapter_loads_exactly_and_saves_as_format_2(loader, no_decomposition, tmp_path):
+    """An adapter written by format version 1 (``lora_A.factor``: the whole factor) is converted on load and its
+    logits are those the old code computed, to float32 rounding; saving it again writes format 2.
+
+    Not bit for bit: format 1's forward used both ``B`` and ``B - B0``; format 2 stores ``dB = B - B0`` and uses
+    ``B0 + dB``, which differs from ``B`` by one float32 ulp where ``|B0|`` is small against the update (7 of the
+    fixture's 256 entries of one matrix, none where the subtraction is exact)."""
+    assert json.loads((V1_FIXTURE / "adapter_config.json").read_text())["geora_format_version"] == 1
+    expected = load_file(V1_FIXTURE / "expected_logits.safetensors")["logits"]
+    with base_check("raise"):
+        if loader == "from_pretrained":
+            model = PeftModel.from_pretrained(make_tiny_model(), V1_FIXTURE)
+        else:
+            model = get_peft_model(
+                make_tiny_model(), GeoRAConfig(r=2, target_modules=["k_proj"], init_weights=False), "other"
+            )
+            model.load_adapter(V1_FIXTURE, adapter_name="default")
+            model.set_adapter("default")
+        torch.testing.assert_close(logits(model, tiny_inputs()), expected, rtol=1e-6, atol=1e-6)
+    old = load_file(V1_FIXTURE / "adapter_model.safetensors")
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    b, b0 = old["base_model.model.model.layers.0.mlp.down_proj.lora_B.factor"], layer.lora_B["default"].anchor
+    assert torch.equal(layer.lora_B["default"].delta, b - b0)
+    exact = (b * b0 > 0) & (b.abs() <= 2 * b0.abs()) & (b0.abs() <= 2 * b.abs())  # Sterbenz: B - B0 is exact ...
+    assert exact.float().mean() > 0.8
+    assert torch.equal((b0 + layer.lora_B["default"].delta)[exact], b[exact])  # ... so B0 + dB gives B back
+    model.save_pretrained(tmp_path / "v2", selected_adapters=["default"])
+    keys = load_file(tmp_path / "v2" / "adapter_model.safetensors").keys()
+    assert keys and all(k.endswith((".delta", ".anchor")) for k in keys)
+    assert json.loads((tmp_path / "v2" / "adapter_config.json").read_text())["geora_format_version"] == FORMAT_VERSION
 
 
 def test_shape_mismatch(saved):

@@ -11,7 +11,7 @@ from torch import nn
 
 from peft_geora import GeoRAConfig
 
-from .conftest import make_tiny_model, tiny_inputs
+from .conftest import full_factors, make_tiny_model, tiny_inputs
 from .grpo_utils import make_grpo_trainer
 
 
@@ -35,7 +35,7 @@ def test_peft_config_path_trains_factors_with_exact_kl_reference(tmp_path, dropo
     base_logits = logits(base, inputs)
     trainer = make_grpo_trainer(base, peft_config=GeoRAConfig(r=4, lora_dropout=dropout), beta=0.1, max_steps=3)
     model = trainer.model
-    factors = snapshot(model, lambda n: n.endswith(".factor"))
+    factors = snapshot(model, lambda n: n.endswith(".delta"))
     frozen = snapshot(model, lambda n: n.endswith((".anchor", "base_layer.weight")))
     trainer.train()
     kl = kl_per_step(trainer)
@@ -86,7 +86,7 @@ def test_gradient_checkpointing_and_bf16_autocast(bf16):
         make_tiny_model(), peft_config=GeoRAConfig(r=4), beta=0.1, gradient_checkpointing=True, bf16=bf16
     )
     assert trainer.args.gradient_checkpointing
-    before = snapshot(trainer.model, lambda n: n.endswith("lora_B.default.factor"))
+    before = snapshot(trainer.model, lambda n: n.endswith("lora_B.default.delta"))
     trainer.train()
     assert kl_per_step(trainer)[0] == 0.0
     after = dict(trainer.model.named_parameters())
@@ -128,9 +128,9 @@ def test_vllm_merged_weight_sync_sends_the_anchored_weights():
     assert set(sent) == base_names  # vLLM's names; no adapter tensor, no anchor
     for module_name, module in model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
-            a, b = module.lora_A["default"], module.lora_B["default"]
+            a, a0, b, b0 = full_factors(module)
             w = module.get_base_layer().weight
-            expected = w + module.scaling["default"] * (b.factor @ a.factor - b.anchor @ a.anchor)
+            expected = w + module.scaling["default"] * (b @ a - b0 @ a0)
             torch.testing.assert_close(sent[f"{module_name}.weight"], expected, rtol=1e-6, atol=1e-6)
     after = dict(model.named_parameters())
     assert not any(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))

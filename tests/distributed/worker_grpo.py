@@ -158,7 +158,7 @@ def plain_checks(plains: dict[str, Any], full: dict[str, torch.Tensor], adapter_
         if not isinstance(module, GeoRALayer):
             continue
         a, b = module.lora_A["default"], module.lora_B["default"]
-        expected = module.scaling["default"] * (b.factor @ a.factor - b.anchor @ a.anchor)
+        expected = module.scaling["default"] * ((b.anchor + b.delta) @ a.delta + b.delta @ a.anchor)
         weight = module.get_base_layer().weight.detach().clone()
         module.merge(adapter_names=["default"])
         merged = module.get_base_layer().weight.detach().clone()
@@ -232,7 +232,7 @@ def run(engine: str, model_dir: str, out_dir: Path) -> dict[str, Any]:
     result["engine"] = engine
     result["facts"] = engine_facts(trainer)
     result["probe_after_train"] = shard_facts(peft_model.base_model.model.get_submodule(PROBE).base_layer.weight)
-    factor_name = next(n for n, _ in peft_model.named_parameters() if n.endswith("lora_B.default.factor"))
+    factor_name = next(n for n, _ in peft_model.named_parameters() if n.endswith("lora_B.default.delta"))
     result["factor_after_train"] = shard_facts(dict(peft_model.named_parameters())[factor_name])
     result["kl"] = [float(e["kl"]) for e in trainer.state.log_history if "kl" in e]
     try:  # PEFT's disable_adapter() calls repr(model), which reads the GeoRA factors' shapes
@@ -245,11 +245,7 @@ def run(engine: str, model_dir: str, out_dir: Path) -> dict[str, Any]:
     result["full_digests"] = {k: digest(v) for k, v in full.items()}
     result["base_untouched"] = all(torch.equal(full[peft_key(k, full)], v) for k, v in base_state.items())
     result["anchors_unchanged"] = all(torch.equal(full[k], init_anchors[k].cpu()) for k in init_anchors)
-    result["factors_trained"] = any(
-        not torch.equal(full[k], ref_anchors[k.replace(".factor", ".anchor")])
-        for k in full
-        if k.endswith("lora_B.default.factor")
-    )
+    result["factors_trained"] = any(bool(full[k].any()) for k in full if k.endswith("lora_B.default.delta"))
     peft_model.eval()
     engine_logits = logits(peft_model)
     try:
@@ -268,7 +264,7 @@ def run(engine: str, model_dir: str, out_dir: Path) -> dict[str, Any]:
             loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
         result["zero3_reload_probe"] = shard_facts(loaded.base_model.model.get_submodule(PROBE).base_layer.weight)
         result["zero3_reload_factors_equal"] = all(
-            torch.equal(v, full[k]) for k, v in loaded.state_dict().items() if k.endswith((".factor", ".anchor"))
+            torch.equal(v, full[k]) for k, v in loaded.state_dict().items() if k.endswith((".delta", ".anchor"))
         )
     result["total_s"] = time.perf_counter() - START
     return result
