@@ -63,11 +63,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _export_lora(args: argparse.Namespace) -> int:
-    """Convert a saved GeoRA adapter folder into a stock rank-2r PEFT LoRA folder."""
-    from .export import export_lora
+    """Convert a saved GeoRA adapter folder into a stock PEFT LoRA folder (exact rank 2r, or rank --rank)."""
+    import json
 
-    dst = export_lora(args.src, args.dst)
-    print(f"wrote a rank-2r LoRA export of {args.src} to {dst}")
+    from .export import REPORT_NAME, export_lora
+
+    dst = export_lora(args.src, args.dst, rank=args.rank)
+    if args.rank is None:
+        print(f"wrote the exact rank-2r LoRA export of {args.src} to {dst}")
+        return 0
+    errors = json.loads((dst / REPORT_NAME).read_text())["relative_error"]
+    worst = max(errors, key=errors.get)
+    print(
+        f"wrote a rank-{args.rank} LoRA export of {args.src} to {dst} (serve it with --max-lora-rank {args.rank}); "
+        f"relative error of the update per module: median {sorted(errors.values())[len(errors) // 2]:.3g}, "
+        f"largest {errors[worst]:.3g} ({worst}); all in {dst / REPORT_NAME}"
+    )
     return 0
 
 
@@ -103,9 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.set_defaults(func=_init_report)
 
-    p = sub.add_parser("export-lora", help="write a saved GeoRA adapter as a stock PEFT LoRA (rank 2r)")
+    p = sub.add_parser("export-lora", help="write a saved GeoRA adapter as a stock PEFT LoRA (rank 2r, or --rank k)")
     p.add_argument("src", help="folder of a saved GeoRA adapter (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("dst", help="output folder for the LoRA adapter")
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="write the best rank-k approximation of each module's update instead of the exact rank-2r LoRA "
+        "(serving engines cap the rank: vLLM's --max-lora-rank defaults to 16); per-module errors go to "
+        "geora_export.json",
+    )
     p.set_defaults(func=_export_lora)
 
     p = sub.add_parser("inspect", help="where a saved GeoRA/LoRA adapter moved each weight: S_head, spectral shift")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from peft_geora.functional import geora_decompose, geora_init_factors, geora_masks, kth_smallest
+from peft_geora.functional import geora_decompose, geora_init_factors, geora_masks, kth_smallest, truncate_product
 
 
 def reference_quantile(x: torch.Tensor, rho: float) -> torch.Tensor:
@@ -129,3 +129,29 @@ def test_kth_smallest_matches_sort_on_a_large_tensor():
     ordered = x.sort().values
     for k in (1, 1000, 260_000, 650_000, 1_299_999, 1_300_000):
         assert kth_smallest(x, k).item() == ordered[k - 1].item()
+
+
+@pytest.mark.parametrize("k", [1, 3, 6, 9])
+def test_truncate_product_is_the_dense_svd_truncation(k):
+    gen = torch.Generator().manual_seed(0)
+    b, a = torch.randn(50, 6, generator=gen), torch.randn(6, 40, generator=gen)
+    b_k, a_k, rel_err = truncate_product(b, a, k)
+    dense = b.double() @ a.double()
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    kept = min(k, 6)
+    best = (u[:, :kept] * s[:kept]) @ vh[:kept]
+    assert b_k.shape == (50, kept) and a_k.shape == (kept, 40) and b_k.dtype == torch.float32
+    torch.testing.assert_close((b_k @ a_k).double(), best, rtol=1e-5, atol=1e-5)
+    expected = float(s[kept:].square().sum().sqrt() / s.square().sum().sqrt())
+    assert abs(rel_err - expected) <= 1e-9 + 1e-6 * expected
+    torch.testing.assert_close(b_k.norm(dim=0), a_k.norm(dim=1))  # sqrt(S) on both sides
+
+
+def test_truncate_product_edge_cases():
+    zero_b, zero_a, err = truncate_product(torch.zeros(5, 2), torch.zeros(2, 4), 1)
+    assert err == 0.0 and not (zero_b @ zero_a).any()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="rank k must be a positive int"):
+            truncate_product(torch.ones(5, 2), torch.ones(2, 4), bad)
+    with pytest.raises(ValueError, match="do not multiply"):
+        truncate_product(torch.ones(5, 2), torch.ones(3, 4), 1)
