@@ -471,4 +471,5 @@ def test_readme_snippets_for_saving_and_sharing(tmp_path, monkeypatch, hub_calls
         exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "my-geora-adapter" / "adapter_config.json").exists()
     assert (tmp_path / "my-geora-as-lora" / "adapter_config.json").exists()
+    assert (tmp_path / "my-geora-rank16" / "geora_export.json").exists()
     shutil.rmtree(tmp_path / "my-geora-adapter")
