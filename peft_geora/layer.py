@@ -8,6 +8,7 @@ computing (or reusing) the decomposition, and an exact ``get_delta_weight``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import sys
@@ -33,6 +34,19 @@ from .init_runtime import advance, resolve_init_device
 logger = logging.getLogger(__name__)
 
 _HALF = (torch.float16, torch.bfloat16)
+_PLAIN_LORA_MODULES: contextvars.ContextVar[bool] = contextvars.ContextVar("geora_plain_lora_modules", default=False)
+
+
+@contextlib.contextmanager
+def plain_lora_modules() -> Iterator[None]:
+    """Within the block, new GeoRA adapters get LoRA's plain ``lora_A`` / ``lora_B`` linears (no anchors, no
+    decomposition), for a caller that writes their weights and then calls :meth:`GeoRALayer.anchor_combined_adapter`.
+    """
+    token = _PLAIN_LORA_MODULES.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_LORA_MODULES.reset(token)
 
 
 def is_quantized_layer(layer: nn.Module) -> bool:
@@ -123,7 +137,25 @@ class GeoRALayer:
         for attr in ("geora_settings", "geora_reports", "geora_expected_fingerprint"):
             if attr not in self.__dict__:
                 setattr(self, attr, {})
+        if _PLAIN_LORA_MODULES.get():  # filled by the caller, then anchored (see combined_adapter)
+            return
         self._install_anchors(adapter_name, config, target_name)
+
+    def anchor_combined_adapter(self, adapter_name: str) -> None:
+        """Turn ``adapter_name``'s plain LoRA factors ``A_c`` (r x in), ``B_c`` (out x r), written by PEFT's adapter
+        combination, into GeoRA's form with the same update: ``dA = A_c``, ``B0 = B_c``, ``A0 = 0``, ``dB = 0``, so
+        ``s ((B0 + dB) dA + dB A0) = s B_c A_c``. Keeps the modules' ``requires_grad``."""
+        plain_a, plain_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        a, b = plain_a.weight.detach().float(), plain_b.weight.detach().float()
+        trainable = plain_a.weight.requires_grad
+        self.lora_A[adapter_name] = AnchoredA(a.clone(), torch.zeros_like(a))
+        self.lora_B[adapter_name] = AnchoredB(torch.zeros_like(b), b.clone())
+        for module in (self.lora_A[adapter_name], self.lora_B[adapter_name]):
+            module.delta.requires_grad_(trainable)
+        self.geora_settings[adapter_name] = (("combined", adapter_name),)  # never reused as a decomposition
+        self.geora_reports[adapter_name] = {}
+        self.geora_expected_fingerprint[adapter_name] = self.geora_fingerprint()
+        self._move_adapter_to_device_of_base_layer(adapter_name)
 
     def _settings_key(self, adapter_name: str, config: GeoRAConfig) -> tuple:
         settings = dict(config.init_settings, r=self.r[adapter_name])

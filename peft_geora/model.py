@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from .checkpoint import upgrade_state_dict, validate_checkpoint
 from .config import GeoRAConfig
 from .fingerprint import ensure_load_hooks
 from .init_runtime import init_progress
-from .layer import GeoRALayer, GeoRALinear, bnb_layer_kind, check_target_type
+from .layer import GeoRALayer, GeoRALinear, bnb_layer_kind, check_target_type, plain_lora_modules
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,45 @@ class GeoRAModel(LoraModel):
         config_dict = config.to_dict()
         config_dict["base_model_name_or_path"] = config.base_model_name_or_path or self.model.name_or_path or None
         return write_lora_export(config_dict, tensors, dst, rank)
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs
+    ) -> None:
+        """PEFT's adapter combination (every ``combination_type``), exact for GeoRA adapters.
+
+        PEFT combines each adapter's LoRA factors and scaling; a GeoRA adapter's are its rank-2r effective factors
+        ``[dA; A0]``, ``[B0 + dB, dB]`` with scaling ``s`` (``s B' A' = s (B A - B0 A0)``), so the result is what PEFT
+        makes of the adapters' LoRA exports: ``"cat"`` is exactly the weighted sum of the updates. The new adapter
+        holds the combined factors in GeoRA's form (``dA = A_c``, ``B0 = B_c``, ``A0 = dB = 0``), saves and loads like
+        any GeoRA adapter, and runs no decomposition. Raises ``ValueError`` for an adapter that is not GeoRA or whose
+        weights were never loaded, before anything is changed.
+        """
+        if adapter_name in self.peft_config:  # PEFT's behaviour: a taken name changes nothing
+            return super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+        for name in adapters:
+            config = self.peft_config.get(name)
+            if not isinstance(config, GeoRAConfig):
+                raise ValueError(f"GeoRA add_weighted_adapter: adapter {name!r} is not a GeoRA adapter of this model")
+        for module in self.model.modules():
+            if isinstance(module, GeoRALayer):
+                for name in adapters:
+                    if name in module.lora_A:
+                        module.lora_A[name].check_ready()
+        originals = {name: self.peft_config[name] for name in adapters}
+        for name, config in originals.items():  # PEFT sizes the result from the ranks: present the rank-2r LoRAs
+            ranks = {key: 2 * rank for key, rank in (config.rank_pattern or {}).items()}
+            self.peft_config[name] = dataclasses.replace(config, r=2 * config.r, rank_pattern=ranks)
+        try:
+            with plain_lora_modules():
+                super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+        finally:
+            self.peft_config.update(originals)
+        config = self.peft_config[adapter_name]
+        config.init_from_checkpoint, config.base_fingerprints = False, {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, GeoRALayer) and adapter_name in module.lora_A:
+                module.anchor_combined_adapter(adapter_name)
+                config.base_fingerprints[name] = module.geora_expected_fingerprint[adapter_name]
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
