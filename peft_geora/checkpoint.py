@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "adapter_model.bin"
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.(?P<kind>delta|anchor|factor|weight)$")
 PEFT_PREFIX = "base_model.model."
 GEORA_PARTS = ("A_delta", "A_anchor", "B_delta", "B_anchor")
@@ -84,13 +86,30 @@ def geora_tensors_by_module(
     return parts, rest
 
 
+def weights_file(folder: str | Path) -> Path:
+    """The adapter weights in ``folder``: ``adapter_model.safetensors``, else PEFT's ``safe_serialization=False``
+    ``adapter_model.bin``. Raises ``FileNotFoundError`` naming the folder when neither exists."""
+    folder = Path(folder)
+    for name in (WEIGHTS_NAME, BIN_WEIGHTS_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"GeoRA: {folder} holds neither {WEIGHTS_NAME} nor {BIN_WEIGHTS_NAME}")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors or ``.bin`` adapter file (CPU); ``ValueError`` naming the file if unreadable."""
+    try:
+        if path.suffix == ".bin":
+            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(str(path))
+    except Exception as exc:  # safetensors and torch raise several types for a damaged file
+        raise ValueError(f"GeoRA: cannot read the adapter weights {path}: {exc}") from exc
+
+
 def read_header(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes stored in a safetensors file (no tensor data is read)."""
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"GeoRA: {path.parent / 'adapter_config.json'} describes a trained adapter (init_from_checkpoint=True) "
-            f"but {path} is missing. To start a new adapter from this config, set config.init_from_checkpoint=False."
-        )
+    """Tensor shapes stored in an adapter file (for safetensors, no tensor data is read)."""
+    if path.suffix == ".bin":
+        return {key: tuple(value.shape) for key, value in read_tensors(path).items()}
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
@@ -109,7 +128,14 @@ def _features(module: nn.Module) -> tuple[int, int] | None:
 
 def validate_checkpoint(folder: str | Path, model: nn.Module) -> None:
     """Raise a clear error (naming the file and the module) unless ``folder``'s weights fit ``model``."""
-    path = Path(folder) / WEIGHTS_NAME
+    try:
+        path = weights_file(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"GeoRA: {Path(folder) / 'adapter_config.json'} describes a trained adapter (init_from_checkpoint=True) "
+            f"but {Path(folder) / WEIGHTS_NAME} is missing. To start a new adapter from this config, set "
+            "config.init_from_checkpoint=False."
+        ) from None
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in read_header(path).items():
         split = split_key(key)

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .checkpoint import PEFT_PREFIX, geora_tensors_by_module
+from .checkpoint import PEFT_PREFIX, geora_tensors_by_module, read_tensors, weights_file
 from .functional import truncate_product
 from .hub import write_model_card
 
@@ -62,19 +62,14 @@ def _jsonable(value: object) -> object:
 def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """The config dict and tensors of a saved GeoRA adapter, with errors that name the file."""
     folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"GeoRA export: no {CONFIG_NAME} in {folder}")
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"GeoRA export: no {WEIGHTS_NAME} in {folder}")
+    weights_path = weights_file(folder)
     config = json.loads(config_path.read_text())
     if config.get("peft_type") != "GEORA":
         raise ValueError(f"GeoRA export: {config_path} is a {config.get('peft_type')!r} adapter, not GEORA")
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise ValueError(f"GeoRA export: cannot read {weights_path}: {exc}") from exc
-    return config, tensors
+    return config, read_tensors(weights_path)
 
 
 def geora_to_lora(

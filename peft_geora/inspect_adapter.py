@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .checkpoint import GEORA_PARTS, PEFT_PREFIX, geora_tensors_by_module, split_key
+from .checkpoint import GEORA_PARTS, PEFT_PREFIX, geora_tensors_by_module, read_tensors, split_key, weights_file
 from .diagnostics import DEFAULT_TOP_K, EXACT_LIMIT, update_diagnostics
 from .export import lora_scaling, pattern_value
 from .report import layer_type
@@ -38,12 +38,9 @@ def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, dic
     """The adapter's config and, per module key (``model.layers.0.self_attn.q_proj``), its factor tensors."""
     folder = Path(adapter_dir)
     config = json.loads((folder / "adapter_config.json").read_text())
-    weights = folder / "adapter_model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} not found (only safetensors adapters are supported)")
+    weights = weights_file(folder)
     modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    with safe_open(str(weights), framework="pt") as fh:
-        tensors = {key: fh.get_tensor(key).float() for key in fh.keys() if split_key(key) is not None}
+    tensors = {key: value.float() for key, value in read_tensors(weights).items() if split_key(key) is not None}
     geora, lora = geora_tensors_by_module(tensors, weights)
     for key, value in lora.items():
         module, side, kind = split_key(key)

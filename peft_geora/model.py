@@ -60,8 +60,8 @@ class GeoRAModel(LoraModel):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
-        checkpoint_dir = getattr(config, "_checkpoint_dir", None)
-        if config.init_from_checkpoint and checkpoint_dir is not None:
+        checkpoint_dir = config.__dict__.pop("_checkpoint_dir", None)  # checked for this load only: the adapter
+        if config.init_from_checkpoint and checkpoint_dir is not None:  # must not depend on its folder afterwards
             validate_checkpoint(checkpoint_dir, model)
         decomposes = config.init_weights and not config.init_from_checkpoint
         total = _count_targets(self, model, config) if decomposes else 0

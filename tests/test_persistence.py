@@ -473,3 +473,40 @@ def test_readme_snippets_for_saving_and_sharing(tmp_path, monkeypatch, hub_calls
     assert (tmp_path / "my-geora-as-lora" / "adapter_config.json").exists()
     assert (tmp_path / "my-geora-rank16" / "geora_export.json").exists()
     shutil.rmtree(tmp_path / "my-geora-adapter")
+
+
+def test_a_loaded_adapter_no_longer_needs_its_folder(saved):
+    """TRL's GRPOTrainer (beta > 0) and DPOTrainer (ref_model=None) call ``add_adapter("ref", peft_config["default"])``
+    on a loaded adapter and copy "default"'s parameters into it; the source folder may be gone by then."""
+    folder, inputs, expected = saved
+    model = PeftModel.from_pretrained(make_tiny_model(), folder, is_trainable=True)
+    shutil.rmtree(folder)
+    model.add_adapter("ref", model.peft_config["default"])
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, param in params.items():
+            if ".default." in name:
+                params[name.replace(".default.", ".ref.")].copy_(param)
+    model.eval()
+    model.set_adapter("ref")
+    assert torch.equal(logits(model, inputs), expected)  # same anchors (reused), same deltas: the same policy
+
+
+def test_bin_serialization_round_trips_and_exports(saved, tmp_path, no_decomposition):
+    """``save_pretrained(..., safe_serialization=False)`` writes ``adapter_model.bin``: it loads bit for bit, and the
+    LoRA export and ``inspect`` read it too."""
+    folder, inputs, expected = saved
+    model = PeftModel.from_pretrained(make_tiny_model(), folder)
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "bin" / "adapter_model.safetensors").exists()
+    with base_check("raise"):
+        reloaded = PeftModel.from_pretrained(make_tiny_model(), tmp_path / "bin")
+    assert torch.equal(logits(reloaded, inputs), expected)
+    peft_geora.export_lora(tmp_path / "bin", tmp_path / "lora")
+    lora = PeftModel.from_pretrained(make_tiny_model(), tmp_path / "lora")
+    torch.testing.assert_close(logits(lora, inputs), expected, rtol=1e-5, atol=1e-5)
+    from peft_geora.inspect_adapter import load_adapter
+
+    config, modules = load_adapter(tmp_path / "bin")
+    assert config["peft_type"] == "GEORA" and len(modules) == 14 and all("A_delta" in m for m in modules.values())

@@ -232,6 +232,7 @@ def test_merge_adds_the_anchored_delta_through_peft_requantization(float_dir, ki
         assert torch.equal(dequantized_weight(layer.get_base_layer()), expected)
 
 
+@pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
 def test_quantize_base_decomposes_the_float_weights_and_stays_exact(float_dir, kind, tmp_path):
     inputs = tiny_inputs()
     targets = ["q_proj", "v_proj", "down_proj"]  # quantize_base turns the other linears into plain bnb layers

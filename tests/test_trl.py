@@ -73,6 +73,31 @@ def test_peft_model_path_ref_adapter_is_the_start_adapter():
     assert not torch.equal(logits(model, inputs), start)
 
 
+def test_a_loaded_adapter_trains_with_a_ref_adapter_after_its_folder_is_gone(tmp_path):
+    """``PeftModel.from_pretrained(..., is_trainable=True)`` from a scratch folder that is deleted before training:
+    GRPOTrainer's "ref" adapter (beta > 0) needs nothing from it, and starts as the loaded policy."""
+    import shutil
+
+    from peft import PeftModel
+
+    model = get_peft_model(make_tiny_model(), GeoRAConfig(r=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "adapter")
+    inputs = tiny_inputs()
+    start = logits(model.eval(), inputs)
+    loaded = PeftModel.from_pretrained(make_tiny_model(), tmp_path / "adapter", is_trainable=True)
+    shutil.rmtree(tmp_path / "adapter")
+    trainer = make_grpo_trainer(loaded, beta=0.1, max_steps=2)
+    trainer.train()
+    assert kl_per_step(trainer)[0] == 0.0
+    loaded.eval()
+    loaded.set_adapter("ref")
+    assert torch.equal(logits(loaded, inputs), start)
+
+
 def test_peft_pissa_gets_the_reference_wrong_where_geora_does_not():
     """The contrast the anchored design exists for: PEFT's PiSSA mutates W, so its 'disabled' model is W_res."""
     pissa = make_grpo_trainer(make_tiny_model(), peft_config=LoraConfig(r=4, init_lora_weights="pissa"), beta=0.1)
