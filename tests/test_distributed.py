@@ -13,13 +13,6 @@ The ZeRO-3 run uses examples/multi_gpu/zero3.json plus two test-only keys: ``sta
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,67 +24,20 @@ from peft_geora import GeoRAConfig
 from peft_geora.distributed import broadcast_from_rank0, full_shape, gathered
 
 from .conftest import make_tiny_model
-from .grpo_utils import make_tiny_tokenizer
+from .distributed.launcher import ROOT, deepspeed_available, launch, save_tiny_model
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples" / "multi_gpu"
 WORKER = ROOT / "tests" / "distributed" / "worker_grpo.py"
-LAUNCH_TIMEOUT_S = 420
 ENGINES = ("ddp", "fsdp2", "zero3")
 EXPECTED_TYPE = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED"}
 EXPECTED_WRAPPER = {"ddp": "DistributedDataParallel", "fsdp2": "FSDPPeftModel", "zero3": "DeepSpeedEngine"}
 SHARDED = {"ddp": "plain", "fsdp2": "dtensor", "zero3": "zero3"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _zero3_test_config(tmp: Path) -> Path:
-    config = json.loads((EXAMPLES / "zero3.json").read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    config["zero_allow_untested_optimizer"] = True
-    path = tmp / "zero3_test.json"
-    path.write_text(json.dumps(config, indent=1))
-    return path
-
-
-def launch(engine: str, model_dir: Path, out: Path) -> list[dict]:
-    """Run the worker on two CPU processes with ``engine``'s example config; return both ranks' results."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / f"{engine}.yaml")]
-    if engine == "zero3":
-        cmd += ["--deepspeed_config_file", str(_zero3_test_config(out))]
-    cmd += ["--num_processes", "2", "--main_process_port", str(_free_port()), str(WORKER)]
-    cmd += ["--engine", engine, "--model", str(model_dir), "--out", str(out)]
-    launcher_vars = ("ACCELERATE_", "FSDP_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.update(DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{engine}: no result after {LAUNCH_TIMEOUT_S} s (hung collective?)\n{output[-4000:]}")
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-    errors = [r["error"] for r in results if "error" in r]
-    assert proc.returncode == 0 and len(results) == 2 and not errors, "\n".join(errors) + output[-4000:]
-    return sorted(results, key=lambda r: r["rank"])
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_llama")
-    make_tiny_model().save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +46,12 @@ def launched(tiny_model_dir, tmp_path_factory):
     cache: dict[str, list[dict] | BaseException] = {}
 
     def get(engine: str) -> list[dict]:
-        if engine == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        if engine == "zero3" and not deepspeed_available():
             pytest.skip("deepspeed is not installed (pip install -e '.[test]')")
         if engine not in cache:
             try:
-                cache[engine] = launch(engine, tiny_model_dir, tmp_path_factory.mktemp(engine))
+                out = tmp_path_factory.mktemp(engine)
+                cache[engine] = launch(engine, WORKER, out, ["--engine", engine, "--model", str(tiny_model_dir)])
             except BaseException as exc:
                 cache[engine] = exc
         if isinstance(cache[engine], BaseException):

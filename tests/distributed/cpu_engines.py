@@ -50,6 +50,8 @@ def enable_cpu_engines() -> None:
         state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fresh and fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":  # what accelerate does for FSDP on GPUs: bf16=True -> param_dtype bf16
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
@@ -118,11 +120,13 @@ def _is_fsdp2(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state_dict(trainer: Any) -> dict[str, torch.Tensor]:
-    """The whole model's state (parameters and persistent buffers), gathered to full tensors on every rank."""
-    model = trainer.model
-    engine = trainer.accelerator.distributed_type
-    if str(engine).endswith("DEEPSPEED"):
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state (parameters and persistent buffers), gathered to full tensors on every rank.
+
+    Works on a ZeRO-3 model before and after DeepSpeed's engine exists (parameters partitioned at load or by the
+    engine) and on an FSDP2 model; every rank must call it.
+    """
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +40,8 @@ import peft_geora  # noqa: E402
 from peft_geora import GeoRAConfig, GeoRALayer  # noqa: E402
 from peft_geora.distributed import broadcast_from_rank0  # noqa: E402
 from peft_geora.functional import geora_decompose  # noqa: E402
-from tests.conftest import tiny_inputs  # noqa: E402
 from tests.distributed.cpu_engines import digest, engine_facts, full_state_dict, shard_facts  # noqa: E402
+from tests.distributed.worker_common import anchors_of, logits, max_diff, peft_key, write_result  # noqa: E402
 from tests.grpo_utils import distinct_chars_reward, make_tiny_tokenizer, tiny_prompt_dataset  # noqa: E402
 
 PROBE = "model.layers.0.mlp.down_proj"  # a rectangular (64 x 96) target
@@ -55,26 +52,6 @@ BETA = {"ddp": 0.1, "fsdp2": 0.1, "zero3": 0.1}
 
 def geora_config() -> GeoRAConfig:
     return GeoRAConfig(r=4, lora_alpha=8)
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**tiny_inputs()).logits.detach().cpu()
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
-
-
-def anchors_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if k.endswith(".anchor")}
-
-
-def peft_key(base_key: str, state: dict[str, torch.Tensor]) -> str:
-    """Name of a base model tensor in the PEFT model's state dict (adapted weights move under ``base_layer``)."""
-    key = "base_model.model." + base_key
-    wrapped = key.rsplit(".", 1)[0] + ".base_layer." + key.rsplit(".", 1)[1]
-    return wrapped if wrapped in state else key
 
 
 def solver_digests(weight: torch.Tensor) -> dict[str, str]:
@@ -241,7 +218,7 @@ def run(engine: str, model_dir: str, out_dir: Path) -> dict[str, Any]:
         result["repr_after_train"] = f"{type(exc).__name__}: {exc}"
 
     # 3. the trained model, gathered; its logits under the engine (every rank takes part)
-    full = full_state_dict(trainer)
+    full = full_state_dict(trainer.model)
     result["full_digests"] = {k: digest(v) for k, v in full.items()}
     result["base_untouched"] = all(torch.equal(full[peft_key(k, full)], v) for k, v in base_state.items())
     result["anchors_unchanged"] = all(torch.equal(full[k], init_anchors[k].cpu()) for k in init_anchors)
@@ -276,16 +253,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     opts = parser.parse_args()
-    torch.set_num_threads(1)
-    out_dir = Path(opts.out)
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        result = run(opts.engine, opts.model, out_dir)
-    except Exception:
-        result = {"engine": opts.engine, "error": traceback.format_exc()}
-        (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
-        raise
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
+    write_result(Path(opts.out), lambda: run(opts.engine, opts.model, Path(opts.out)))
 
 
 if __name__ == "__main__":
