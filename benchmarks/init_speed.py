@@ -194,10 +194,10 @@ def layer_quality(weight: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, conf
         spectral_rank=config.spectral_rank,
         priors=config.priors,
         components=config.components,
-        solver=config.svd_solver,
-        niter=config.svd_niter,
-        oversample=config.svd_oversample,
-        seed=config.svd_seed,
+        svd_solver=config.svd_solver,
+        svd_niter=config.svd_niter,
+        svd_oversample=config.svd_oversample,
+        svd_seed=config.svd_seed,
     )
     dec = geora_decompose(w, r, **settings)
     # the layer keeps the factors in its own dtype: compare after the same cast
@@ -244,10 +244,10 @@ def _spectral_svd(w: torch.Tensor, k: int, settings: dict):
     return truncated_svd(
         w,
         k,
-        solver=settings["solver"],
-        niter=settings["niter"],
-        oversample=settings["oversample"],
-        seed=settings["seed"],
+        solver=settings["svd_solver"],
+        niter=settings["svd_niter"],
+        oversample=settings["svd_oversample"],
+        seed=settings["svd_seed"],
     )
 
 

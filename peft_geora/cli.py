@@ -25,7 +25,7 @@ def _init_report(args: argparse.Namespace) -> int:
     prompt = tokenizer("GeoRA keeps the base model exact at initialisation.", return_tensors="pt").to(args.device)
     with torch.no_grad():
         base_logits = model(**prompt).logits
-    config = GeoRAConfig(r=args.r, lora_alpha=2 * args.r, rho=args.rho, svd_solver=args.solver)
+    config = GeoRAConfig(r=args.r, lora_alpha=2 * args.r, rho=args.rho, svd_solver=args.svd_solver)
     start = time.perf_counter()
     peft_model = get_peft_model(model, config)
     seconds = time.perf_counter() - start
@@ -36,7 +36,7 @@ def _init_report(args: argparse.Namespace) -> int:
     print(format_table(table))
     identical = torch.equal(logits, base_logits)
     print(
-        f"\n{len(per_module)} modules, r={args.r}, rho={args.rho}, solver={args.solver}: "
+        f"\n{len(per_module)} modules, r={args.r}, rho={args.rho}, svd_solver={args.svd_solver}: "
         f"get_peft_model took {seconds:.2f} s; logits identical to the base model: {identical}"
     )
     if args.json:
@@ -109,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="local model folder (default: built-in SmolLM2-135M-Instruct)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--rho", type=float, default=0.2)
-    p.add_argument("--solver", default="auto", choices=["auto", "exact", "randomized"])
+    p.add_argument(
+        "--svd-solver",
+        dest="svd_solver",
+        default="auto",
+        choices=["auto", "exact", "randomized"],
+        help="GeoRAConfig.svd_solver (default auto)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.set_defaults(func=_init_report)

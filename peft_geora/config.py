@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft import LoraConfig
+from peft.utils.other import get_pattern_key
 
 from .functional import COMPONENTS, PRIORS, SOLVERS
 from .hub import write_model_card
@@ -39,6 +41,16 @@ _REFUSED_LORA_OPTIONS: dict[str, object] = {
     "megatron_config": None,
     "layer_replication": None,
 }
+
+
+def pattern_value(patterns: dict, module: str, default: float) -> float:
+    """``module``'s value in a ``rank_pattern`` / ``alpha_pattern`` (PEFT's ``get_pattern_key``), else ``default``."""
+    return patterns.get(get_pattern_key(list(patterns), module), default) if patterns else default
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """LoRA's scaling of a module: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r`` (PEFT's ``update_layer``)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 @dataclass
@@ -186,6 +198,20 @@ class GeoRAConfig(LoraConfig):
             write_model_card(save_directory, self.base_model_name_or_path)
 
     def _validate_geora_fields(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"GeoRAConfig: r must be a positive int, got {self.r!r}")
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or not self.lora_alpha > 0
+        ):
+            raise ValueError(f"GeoRAConfig: lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        for key, rank in (self.rank_pattern or {}).items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"GeoRAConfig: rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+        for key, alpha in (self.alpha_pattern or {}).items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+                raise ValueError(f"GeoRAConfig: alpha_pattern[{key!r}] must be a positive number, got {alpha!r}")
         if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not 0.0 < self.rho < 1.0:
             raise ValueError(f"GeoRAConfig: rho must lie in the open interval (0, 1), got {self.rho!r}")
         if self.spectral_rank is not None and (not isinstance(self.spectral_rank, int) or self.spectral_rank < 1):

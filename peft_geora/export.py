@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 
 from .checkpoint import PEFT_PREFIX, geora_tensors_by_module, read_tensors, weights_file
+from .config import lora_scaling, pattern_value
 from .functional import truncate_product
 from .hub import write_model_card
 
@@ -38,16 +38,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "geora_export.json"
 _LORA_FIELDS = frozenset(LoraConfig.__dataclass_fields__) - {"runtime_config"}
-
-
-def pattern_value(patterns: dict, module: str, default: float) -> float:
-    """PEFT's pattern lookup (``get_pattern_key``) with a default."""
-    return patterns.get(get_pattern_key(list(patterns), module), default) if patterns else default
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    """LoRA's scaling of a module: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r`` (PEFT's ``update_layer``)."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def _jsonable(value: object) -> object:

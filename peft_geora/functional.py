@@ -451,16 +451,16 @@ def geora_masks(
     rho: float = 0.2,
     spectral_rank: int = 16,
     *,
-    solver: Solver = "auto",
-    niter: int = DEFAULT_NITER,
-    oversample: int = DEFAULT_OVERSAMPLE,
-    seed: int = 0,
+    svd_solver: Solver = "auto",
+    svd_niter: int = DEFAULT_NITER,
+    svd_oversample: int = DEFAULT_OVERSAMPLE,
+    svd_seed: int = 0,
 ) -> GeoRAMasks:
     """Spectral and Euclidean priors of ``weight`` (out x in): boolean masks of its low-magnitude entries."""
     _check_matrix(weight)
     quantile_rank(rho, weight.numel())  # validates rho
     w = weight.to(_work_dtype(weight))
-    svd_kwargs = dict(solver=solver, niter=niter, oversample=oversample, seed=seed)
+    svd_kwargs = dict(solver=svd_solver, niter=svd_niter, oversample=svd_oversample, seed=svd_seed)
     return _prior_indicators(w, rho, spectral_rank, None, svd_kwargs)[0]
 
 
@@ -486,10 +486,10 @@ def geora_decompose(
     priors: Priors = "union",
     components: Components = "head",
     scale_divisor: float = 1.0,
-    solver: Solver = "auto",
-    niter: int = DEFAULT_NITER,
-    oversample: int = DEFAULT_OVERSAMPLE,
-    seed: int = 0,
+    svd_solver: Solver = "auto",
+    svd_niter: int = DEFAULT_NITER,
+    svd_oversample: int = DEFAULT_OVERSAMPLE,
+    svd_seed: int = 0,
 ) -> GeoRADecomposition:
     """Full GeoRA initialisation of one weight, with the masks and energies used for reporting.
 
@@ -500,7 +500,7 @@ def geora_decompose(
         raise ValueError(f"priors must be one of {PRIORS}, got {priors!r}")
     if not scale_divisor > 0:
         raise ValueError(f"scale_divisor must be positive, got {scale_divisor}")
-    svd_kwargs = dict(solver=solver, niter=niter, oversample=oversample, seed=seed)
+    svd_kwargs = dict(solver=svd_solver, niter=svd_niter, oversample=svd_oversample, seed=svd_seed)
     w = weight.to(_work_dtype(weight))
     if priors == "none":
         masks = GeoRAMasks(torch.ones_like(w, dtype=torch.bool), torch.ones_like(w, dtype=torch.bool))

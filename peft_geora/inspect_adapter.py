@@ -10,6 +10,7 @@ as a table and optionally a PNG heatmap.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -22,8 +23,8 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import GEORA_PARTS, PEFT_PREFIX, geora_tensors_by_module, read_tensors, split_key, weights_file
+from .config import lora_scaling, pattern_value
 from .diagnostics import DEFAULT_TOP_K, EXACT_LIMIT, update_diagnostics
-from .export import lora_scaling, pattern_value
 from .report import layer_type
 
 logger = logging.getLogger(__name__)
@@ -191,8 +192,19 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def require_matplotlib() -> None:
+    """Raise ``ModuleNotFoundError`` saying what to install when matplotlib (for ``--png``) is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ModuleNotFoundError(
+            "peft-geora inspect --png draws with matplotlib, which is not installed: "
+            "pip install 'peft-geora[demo]' (or pip install matplotlib)",
+            name="matplotlib",
+        )
+
+
 def write_heatmap(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Two heatmaps (S_head, spectral shift), layers down, projection types across, with the Agg backend."""
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -221,6 +233,8 @@ def write_heatmap(rows: list[dict[str, Any]], path: str | Path, title: str = "")
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: print the table (and notes), write ``--png`` / ``--json`` if asked."""
+    if args.png:
+        require_matplotlib()  # before the work, not after it
     rows, notes = inspect_adapter(args.adapter_dir, base=args.base, top_k=args.top_k)
     print(format_rows(rows))
     for note in notes:

@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -24,9 +25,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .anchor import AnchoredA, AnchoredB
-from .config import GeoRAConfig
+from .config import GeoRAConfig, lora_scaling
 from .diagnostics import decomposition_report
-from .distributed import broadcast_from_rank0, check_reachable, full_shape, gathered, is_zero3_param
+from .distributed import broadcast_from_rank0, check_reachable, gathered, is_zero3_param
 from .fingerprint import weight_fingerprint
 from .functional import geora_decompose
 from .init_runtime import advance, resolve_init_device
@@ -97,7 +98,7 @@ def check_target_type(layer: nn.Module, name: str) -> str | None:
     return kind
 
 
-def check_target(layer: nn.Module, name: str, r: int) -> None:
+def check_target(layer: nn.Module, name: str) -> None:
     """Raise a clear error if GeoRA cannot be applied to ``layer`` (called before anything is modified)."""
     kind = check_target_type(layer, name)
     weight = layer.weight
@@ -107,16 +108,8 @@ def check_target(layer: nn.Module, name: str, r: int) -> None:
     if kind is not None:
         from .quantized import dequantized_weight
 
-        out_features, in_features = layer.out_features, layer.in_features
         weight = dequantized_weight(layer)
-    else:
-        shape = full_shape(weight)  # ZeRO-3: finiteness is checked once gathered (distributed.gathered)
-        out_features, in_features = shape if isinstance(layer, nn.Linear) else shape[::-1]
-    if r > min(out_features, in_features):
-        raise ValueError(
-            f"GeoRA: rank r={r} is larger than min(out, in)={min(out_features, in_features)} of target module "
-            f"'{name}' (shape {out_features} x {in_features}). Lower r or use rank_pattern."
-        )
+    # ZeRO-3: finiteness is checked once gathered (distributed.gathered)
     if not is_zero3_param(weight) and not _all_finite(weight):
         raise ValueError(f"GeoRA: the weight of target module '{name}' contains NaN or Inf values")
 
@@ -132,7 +125,8 @@ class GeoRALayer:
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: GeoRAConfig, **kwargs: Any) -> None:
         target_name = kwargs.get("target_name") or type(self).__name__
-        check_target(self.get_base_layer(), target_name, r)
+        check_target(self.get_base_layer(), target_name)
+        r, lora_alpha = self._capped_rank(target_name, r, lora_alpha, config)
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
         for attr in ("geora_settings", "geora_reports", "geora_expected_fingerprint"):
             if attr not in self.__dict__:
@@ -140,6 +134,24 @@ class GeoRALayer:
         if _PLAIN_LORA_MODULES.get():  # filled by the caller, then anchored (see combined_adapter)
             return
         self._install_anchors(adapter_name, config, target_name)
+
+    def _capped_rank(self, target_name: str, r: int, lora_alpha: float, config: GeoRAConfig) -> tuple[int, float]:
+        """``(r, lora_alpha)`` for this layer: a rank above ``min(out, in)`` is lowered to it, with the alpha that
+        keeps the layer's scaling, and recorded in ``config.rank_pattern`` / ``alpha_pattern`` (so the saved adapter
+        reloads with the same shapes). A top-r SVD has at most ``min(out, in)`` components, which span the matrix."""
+        limit = min(self.in_features, self.out_features)
+        if r <= limit:
+            return r, lora_alpha
+        alpha = lora_scaling(r, lora_alpha, config.use_rslora) * (math.sqrt(limit) if config.use_rslora else limit)
+        logger.warning(
+            "GeoRA: rank r=%d is larger than min(out, in)=%d of target module '%s' (%d x %d); this layer gets "
+            "rank %d, with lora_alpha %.6g to keep its scaling",
+            r, limit, target_name, self.out_features, self.in_features, limit, alpha,
+        )  # fmt: skip
+        pattern = re.escape(target_name)
+        config.rank_pattern = {**(config.rank_pattern or {}), pattern: limit}
+        config.alpha_pattern = {**(config.alpha_pattern or {}), pattern: alpha}
+        return limit, alpha
 
     def anchor_combined_adapter(self, adapter_name: str) -> None:
         """Turn ``adapter_name``'s plain LoRA factors ``A_c`` (r x in), ``B_c`` (out x r), written by PEFT's adapter
@@ -238,10 +250,10 @@ class GeoRALayer:
                 priors=config.priors,
                 components=config.components,
                 scale_divisor=divisor,
-                solver=config.svd_solver,
-                niter=config.svd_niter,
-                oversample=config.svd_oversample,
-                seed=config.svd_seed,
+                svd_solver=config.svd_solver,
+                svd_niter=config.svd_niter,
+                svd_oversample=config.svd_oversample,
+                svd_seed=config.svd_seed,
             )
         report = dict(decomposition_report(dec), seconds=time.perf_counter() - start, reused=0.0)
         a0, b0 = broadcast_from_rank0(dec.factors, like=self.get_base_layer().weight)  # ZeRO-3: rank 0's

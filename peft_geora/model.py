@@ -46,6 +46,13 @@ class GeoRAModel(LoraModel):
     def _create_new_module(config: GeoRAConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         name = kwargs.get("target_name") or type(base).__name__
+        if isinstance(base, nn.Embedding) and getattr(config, "ensure_weight_tying", False):
+            raise TypeError(
+                f"GeoRA: ensure_weight_tying=True asks for one update shared by the output head and the tied input "
+                f"embedding '{name}', but GeoRA adapts linear layers only (an Embedding has no GeoRA form). Leave the "
+                "output head out of target_modules (the paper's setting, and GeoRA's default 'all-linear'), or set "
+                "ensure_weight_tying=False to adapt the head alone (the input embedding then keeps its weights)."
+            )
         check_target_type(base, name)  # the weight is checked by update_layer, before anything is modified
         kwargs.pop("parameter_name", None)
         if bnb_layer_kind(base) is not None:

@@ -39,7 +39,7 @@ def lora_export_config(config: Any) -> Any:
     """
     from peft import LoraConfig
 
-    from .export import lora_scaling
+    from .config import lora_scaling
 
     def scaling(r: int, alpha: float) -> float:
         return lora_scaling(r, alpha, config.use_rslora)

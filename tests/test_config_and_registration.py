@@ -132,6 +132,13 @@ def test_lora_options_that_make_no_sense_are_refused(kwargs, field):
         ({"spectral_rank": 0}, "spectral_rank"),
         ({"svd_niter": -1}, "svd_niter"),
         ({"init_weights": "yes"}, "init_weights"),
+        ({"r": 0}, r"r must be a positive int, got 0"),
+        ({"r": -4}, r"r must be a positive int, got -4"),
+        ({"r": 2.5}, r"r must be a positive int, got 2.5"),
+        ({"lora_alpha": 0}, r"lora_alpha must be a positive number, got 0"),
+        ({"lora_alpha": -8}, r"lora_alpha must be a positive number, got -8"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive int, got 0"),
+        ({"alpha_pattern": {"v_proj": -1}}, r"alpha_pattern\['v_proj'\] must be a positive number, got -1"),
     ],
 )
 def test_bad_geora_fields(kwargs, field):

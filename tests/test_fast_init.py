@@ -60,7 +60,7 @@ def test_fast_path_factors_capture_the_exact_top_r_of_w_geo(shape):
     b0a0 = dec.factors.B.double() @ dec.factors.A.double()  # paper convention: U S V^T
     assert float(b0a0.square().sum()) / exact_top_energy(w_geo, 16) >= QUALITY
     # and the exact path on the same matrix gives the same product up to the (tiny) missing energy
-    exact = geora_decompose(w, 16, solver="exact")
+    exact = geora_decompose(w, 16, svd_solver="exact")
     assert torch.equal(exact.masks.euclidean, dec.masks.euclidean)  # thresholds are exact in both
 
 
@@ -214,7 +214,7 @@ def test_kth_smallest_on_magnitudes_gives_sort_based_masks():
 
 def test_masks_equal_a_sort_based_reference_on_a_large_matrix():
     w = trained_like((1100, 1000), seed=4)  # 1.1M entries
-    masks = geora_masks(w, rho=0.2, spectral_rank=16, solver="exact")
+    masks = geora_masks(w, rho=0.2, spectral_rank=16, svd_solver="exact")
     mags = w.abs()
     k = quantile_rank(0.2, w.numel())
     assert torch.equal(masks.euclidean, mags <= sorted_kth(mags, k))

@@ -50,7 +50,7 @@ def test_factors_match_reference(shape, rho, priors):
     torch.manual_seed(0)
     for w in (torch.randn(shape), structured(shape, 1)):
         m_spec, m_euc, b_ref, a_ref = reference_factors(w, 6, rho, 6, priors, "head", 1.0)
-        dec = geora_decompose(w, 6, rho=rho, priors=priors, solver="exact")
+        dec = geora_decompose(w, 6, rho=rho, priors=priors, svd_solver="exact")
         if priors != "none":
             assert torch.equal(dec.masks.spectral, m_spec)
             assert torch.equal(dec.masks.euclidean, m_euc)
@@ -67,7 +67,7 @@ def test_components_and_scale_convention(components, convention_divisor):
     w = structured((36, 28), 2)
     _, _, b_ref, a_ref = reference_factors(w, 5, 0.2, 3, "union", components, convention_divisor)
     a, b = geora_init_factors(
-        w, 5, rho=0.2, spectral_rank=3, components=components, scale_divisor=convention_divisor, solver="exact"
+        w, 5, rho=0.2, spectral_rank=3, components=components, scale_divisor=convention_divisor, svd_solver="exact"
     )
     torch.testing.assert_close((b @ a).double(), b_ref @ a_ref, rtol=1e-4, atol=1e-5)
     # paper convention: B0 A0 is the truncated SVD itself; PiSSA's divides it by the scaling
@@ -77,15 +77,15 @@ def test_components_and_scale_convention(components, convention_divisor):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_half_precision_weights_are_decomposed_in_fp32(dtype):
     w = structured((40, 24), 3).to(dtype)
-    a, b = geora_init_factors(w, 4, solver="exact")
+    a, b = geora_init_factors(w, 4, svd_solver="exact")
     assert a.dtype == b.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    ref = geora_init_factors(w.to(torch.float64), 4, solver="exact")
+    ref = geora_init_factors(w.to(torch.float64), 4, svd_solver="exact")
     torch.testing.assert_close((b @ a).double(), ref.B @ ref.A, rtol=1e-4, atol=1e-4)
 
 
 def test_ties_are_all_kept():
     w = torch.tensor([[0.0, 1.0, 1.0, 2.0], [1.0, 3.0, -1.0, 0.0], [2.0, 2.0, 1.0, -3.0]])
-    masks = geora_masks(w, rho=0.25, spectral_rank=1, solver="exact")
+    masks = geora_masks(w, rho=0.25, spectral_rank=1, svd_solver="exact")
     # 12 entries, k = 3: the 3rd smallest |w| is 1, so the two zeros and every +-1 are kept
     assert torch.equal(masks.euclidean, w.abs() <= 1.0)
     assert int(masks.euclidean.sum()) == 7
@@ -94,12 +94,12 @@ def test_ties_are_all_kept():
 @pytest.mark.parametrize("rho", [1e-9, 0.999999])
 def test_rho_at_its_edges(rho):
     w = structured((20, 30), 4)
-    masks = geora_masks(w, rho=rho, spectral_rank=2, solver="exact")
+    masks = geora_masks(w, rho=rho, spectral_rank=2, svd_solver="exact")
     if rho < 0.5:
         assert int(masks.euclidean.sum()) == 1 and bool(masks.euclidean.flatten()[w.abs().flatten().argmin()])
     else:
         assert bool(masks.euclidean.all()) and bool(masks.spectral.all())
-    a, b = geora_init_factors(w, 2, rho=rho, spectral_rank=2, solver="exact")
+    a, b = geora_init_factors(w, 2, rho=rho, spectral_rank=2, svd_solver="exact")
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
 
 
@@ -115,11 +115,11 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError, match="floating-point"):
         geora_init_factors(torch.ones(4, 4, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="rank"):
-        geora_init_factors(torch.randn(4, 6), 5, solver="exact")
+        geora_init_factors(torch.randn(4, 6), 5, svd_solver="exact")
     with pytest.raises(ValueError, match="meta"):
         geora_init_factors(torch.empty(4, 4, device="meta"), 2)
     with pytest.raises(ValueError, match="randomized"):
-        geora_init_factors(torch.randn(64, 64), 2, components="tail", solver="randomized")
+        geora_init_factors(torch.randn(64, 64), 2, components="tail", svd_solver="randomized")
 
 
 def test_kth_smallest_matches_sort_on_a_large_tensor():

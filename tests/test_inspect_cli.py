@@ -167,3 +167,19 @@ def test_s_head_column_changes_with_top_k(geora_adapter):
         direct = s_head(layer.get_base_layer().weight, layer.get_delta_weight("default"), 2)
     row = next(r for r in rows if r["module"] == "model.layers.0.self_attn.q_proj")
     assert row["s_head"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_png_without_matplotlib_says_what_to_install_before_any_work(geora_adapter, tmp_path, monkeypatch):
+    import importlib.util
+
+    import peft_geora.inspect_adapter as inspect_adapter
+
+    _, base_dir, adapter_dir = geora_adapter
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
+    )
+    monkeypatch.setattr(inspect_adapter, "inspect_adapter", pytest.fail)  # refused before reading anything
+    args = ["inspect", str(adapter_dir), "--base", str(base_dir), "--png", str(tmp_path / "x.png")]
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'peft-geora\[demo\]'"):
+        main(args)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -124,7 +127,7 @@ def test_init_equals_the_functional_core():
     config = GeoRAConfig(r=6, lora_alpha=12, rho=0.3, svd_solver="exact", scale_convention="pissa")
     peft_model = get_peft_model(model, config)
     layer = peft_model.base_model.model.model.layers[0].mlp.up_proj
-    a0, b0 = geora_init_factors(w, 6, rho=0.3, solver="exact", scale_divisor=2.0)
+    a0, b0 = geora_init_factors(w, 6, rho=0.3, svd_solver="exact", scale_divisor=2.0)
     assert torch.equal(layer.lora_A["default"].anchor, a0)
     assert torch.equal(layer.lora_B["default"].anchor, b0)
     assert not layer.lora_A["default"].delta.any() and not layer.lora_B["default"].delta.any()
@@ -161,7 +164,7 @@ def test_conv1d_target_gpt2():
     peft_model = get_peft_model(model, GeoRAConfig(r=4, target_modules=["c_attn", "c_fc"], svd_solver="exact"))
     assert torch.equal(logits(peft_model, inputs), base)
     layer = peft_model.base_model.model.transformer.h[0].attn.c_attn
-    a0, b0 = geora_init_factors(w.T, 4, solver="exact")
+    a0, b0 = geora_init_factors(w.T, 4, svd_solver="exact")
     torch.testing.assert_close(layer.lora_B["default"].anchor @ layer.lora_A["default"].anchor, b0 @ a0)
     assert layer.get_delta_weight("default").shape == w.shape
 
@@ -222,12 +225,29 @@ def assert_untouched(model, before):
     assert_bitwise_equal(before, state_snapshot(model))
 
 
-def test_rank_larger_than_a_target_raises_and_rolls_back():
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_a_rank_larger_than_a_target_is_capped_with_its_scaling_kept(use_rslora, caplog, tmp_path):
+    """As LoRA accepts any rank, GeoRA accepts it too: a layer smaller than r gets rank min(out, in) (a top-r SVD has
+    no more components), with the alpha that keeps its scaling, recorded in the config so the adapter reloads."""
     model = make_tiny_model("llama", num_key_value_heads=1, head_dim=16)  # k_proj / v_proj are 16 x 64
-    before = state_snapshot(model)
-    with pytest.raises(ValueError, match=r"r=32 is larger than min\(out, in\)=16 of target module '.*k_proj'"):
-        get_peft_model(model, GeoRAConfig(r=32))
-    assert_untouched(model, before)
+    inputs = tiny_inputs()
+    base = logits(model, inputs)
+    with caplog.at_level("WARNING", logger="peft_geora.layer"):
+        peft_model = get_peft_model(model, GeoRAConfig(r=32, lora_alpha=64, use_rslora=use_rslora))
+    assert re.search(
+        r"r=32 is larger than min\(out, in\)=16 of target module 'model.layers.0.self_attn.k_proj'", caplog.text
+    )
+    layers = peft_model.base_model.model.model.layers
+    k_proj, q_proj = layers[0].self_attn.k_proj, layers[0].self_attn.q_proj
+    assert k_proj.r["default"] == 16 and q_proj.r["default"] == 32
+    assert math.isclose(k_proj.scaling["default"], q_proj.scaling["default"], rel_tol=1e-12)
+    assert torch.equal(logits(peft_model, inputs), base)
+    train_steps(peft_model, inputs)
+    expected = logits(peft_model.eval(), inputs)
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(make_tiny_model("llama", num_key_value_heads=1, head_dim=16), tmp_path)
+    assert reloaded.base_model.model.model.layers[1].self_attn.v_proj.r["default"] == 16
+    assert torch.equal(logits(reloaded, inputs), expected)
 
 
 def test_non_linear_target_raises_and_rolls_back():
@@ -273,3 +293,24 @@ def test_failure_in_a_second_adapter_keeps_the_first():
             assert set(m.lora_A) == {"default"} and set(m.r) == {"default"}
     after = state_snapshot(peft_model)
     assert before.keys() == after.keys()
+
+
+def test_tied_embeddings_with_ensure_weight_tying_are_refused_with_what_to_do():
+    model = make_tiny_model(tie_word_embeddings=True)
+    before = state_snapshot(model)
+    config = GeoRAConfig(r=4, target_modules=["lm_head", "q_proj"], ensure_weight_tying=True)
+    with pytest.raises(TypeError, match="ensure_weight_tying=True.*'model.embed_tokens'.*ensure_weight_tying=False"):
+        get_peft_model(model, config)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert_bitwise_equal(before, state_snapshot(model))
+
+
+def test_the_tied_output_head_alone_is_adapted_and_exact_at_init():
+    model = make_tiny_model(tie_word_embeddings=True)
+    inputs = tiny_inputs()
+    base = logits(model, inputs)
+    with pytest.warns(UserWarning, match="ensure_weight_tying"):  # PEFT's own note, as for LoRA
+        peft_model = get_peft_model(model, GeoRAConfig(r=4, target_modules=["lm_head"]))
+    assert isinstance(peft_model.base_model.model.lm_head, LoraLayer)
+    assert isinstance(peft_model.base_model.model.model.embed_tokens, torch.nn.Embedding)
+    assert torch.equal(logits(peft_model, inputs), base)

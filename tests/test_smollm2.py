@@ -33,3 +33,24 @@ def test_greedy_generation_identical_to_base(smollm2_path):
     for b, a in zip(base, adapted):
         assert b.numel() == 20
         assert torch.equal(a, b)
+
+
+def test_the_built_in_model_is_recorded_by_its_name_not_its_cache_folder(smollm2_path, tmp_path):
+    """Adapters, their LoRA exports and model cards name the built-in model as the Hub model it comes from."""
+    import json
+
+    from huggingface_hub import ModelCard
+
+    import peft_geora
+    from peft_geora.default_model import DEFAULT_MODEL_ID, load_default_model
+
+    model, _ = load_default_model()
+    assert model.name_or_path == DEFAULT_MODEL_ID
+    config = GeoRAConfig(r=2, target_modules=["q_proj"], layers_to_transform=[0])
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "geora")
+    peft_geora.save_as_lora(peft_model, tmp_path / "lora")
+    for folder in ("geora", "lora"):
+        saved = json.loads((tmp_path / folder / "adapter_config.json").read_text())
+        assert saved["base_model_name_or_path"] == DEFAULT_MODEL_ID
+        assert ModelCard.load(tmp_path / folder / "README.md").data.base_model == DEFAULT_MODEL_ID

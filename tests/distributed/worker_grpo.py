@@ -58,7 +58,7 @@ def solver_digests(weight: torch.Tensor) -> dict[str, str]:
     """Digests of GeoRA's factors of one full weight with each solver: compared across ranks by the test."""
     out = {}
     for solver in ("auto", "exact", "randomized"):
-        dec = geora_decompose(weight, 4, solver=solver)
+        dec = geora_decompose(weight, 4, svd_solver=solver)
         out[solver] = digest(torch.cat([dec.factors.A.reshape(-1), dec.factors.B.reshape(-1)]))
     return out
 
