@@ -70,6 +70,7 @@ class GeoRAModel(LoraModel):
         checkpoint_dir = config.__dict__.pop("_checkpoint_dir", None)  # checked for this load only: the adapter
         if config.init_from_checkpoint and checkpoint_dir is not None:  # must not depend on its folder afterwards
             validate_checkpoint(checkpoint_dir, model)
+        _warn_about_expert_parameters(model, config)
         decomposes = config.init_weights and not config.init_from_checkpoint
         total = _count_targets(self, model, config) if decomposes else 0
         try:
@@ -154,6 +155,38 @@ class GeoRAModel(LoraModel):
             for name, module in self.model.named_modules()
             if isinstance(module, GeoRALayer) and module.geora_reports.get(adapter_name)
         }
+
+
+def _warn_about_expert_parameters(model: nn.Module, config: GeoRAConfig) -> None:
+    """Warn when stock LoRA, given the same targets, would also adapt parameters GeoRA leaves frozen.
+
+    On mixture-of-experts models transformers 5 stores the experts (and some routers) as 3-D / bare parameters, which
+    PEFT's LoRA reaches with ``target_parameters`` (added by itself for ``"all-linear"``). GeoRA adapts linear
+    layers only, so those stay frozen: say so, naming them, rather than leave it to be found out.
+    """
+    if not hasattr(getattr(model, "config", None), "model_type"):
+        return
+    from peft import LoraConfig
+    from peft.utils.transformers_weight_conversion import (
+        convert_peft_config_for_transformers,
+        get_model_conversion_mapping,
+    )
+
+    targets = config.target_modules
+    lora = LoraConfig(target_modules=set(targets) if isinstance(targets, (list, set)) else targets)
+    try:
+        convert_peft_config_for_transformers(lora, model=model, conversions=get_model_conversion_mapping(model))
+    except Exception as exc:  # noqa: BLE001  (PEFT's conversion is a best effort; this is only a notice)
+        logger.debug("could not work out LoRA's target parameters: %s", exc)
+        return
+    if lora.target_parameters:
+        logger.warning(
+            "GeoRA adapts linear layers only: on this %s model the parameters %s, which PEFT's LoRA would adapt "
+            "with the same target_modules (through target_parameters), stay frozen (mixture-of-experts weights "
+            "stored as 3-D parameters, routers). The adapted layers are the linear ones.",
+            model.config.model_type,
+            sorted(lora.target_parameters),
+        )
 
 
 def _count_targets(tuner: GeoRAModel, model: nn.Module, config: GeoRAConfig) -> int:
