@@ -336,3 +336,18 @@ def test_mixture_of_experts_parameters_left_frozen_are_named_in_a_warning(caplog
     with caplog.at_level("WARNING", logger="peft_geora.model"):
         get_peft_model(make_tiny_model(), GeoRAConfig(r=4))  # a dense model: nothing to say
     assert "stay frozen" not in caplog.text
+
+
+def test_anchors_stay_float32_through_every_cast_and_placement():
+    """``model.to(bf16)``, ``.half()``, ``.float()`` and PEFT's placement on a bf16 base move the anchors but never
+    round them; the trainable deltas take the dtype asked for, as LoRA's factors do."""
+    peft_model = get_peft_model(make_tiny_model(), GeoRAConfig(r=4))
+    anchors = {n: b.clone() for n, b in peft_model.named_buffers() if n.endswith(".anchor")}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(peft_model)
+        delta_dtypes = {p.dtype for n, p in peft_model.named_parameters() if n.endswith(".delta")}
+        assert len(delta_dtypes) == 1 and delta_dtypes == {peft_model.base_model.model.lm_head.weight.dtype}
+        assert all(torch.equal(b, anchors[n]) for n, b in peft_model.named_buffers() if n.endswith(".anchor"))
+    on_bf16 = get_peft_model(make_tiny_model(dtype=torch.bfloat16), GeoRAConfig(r=4), autocast_adapter_dtype=False)
+    assert {b.dtype for n, b in on_bf16.named_buffers() if n.endswith(".anchor")} == {torch.float32}
+    assert {p.dtype for n, p in on_bf16.named_parameters() if n.endswith(".delta")} == {torch.bfloat16}
