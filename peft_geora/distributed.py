@@ -7,8 +7,11 @@ GeoRA's initial factors are a decomposition of the *full* base weight, so each e
   the full weight, and :func:`broadcast_from_rank0` makes rank 0's factors the ones every rank keeps. Gathering is a
   collective, so under ZeRO-3 ``get_peft_model`` must run on every rank (as for PEFT's PiSSA).
 * FSDP2 (``fully_shard``) and tensor parallelism turn weights into DTensor shards. GeoRA must be applied before
-  sharding (as PEFT itself requires); :func:`check_reachable` refuses a DTensor weight with that advice instead of
-  decomposing one shard.
+  sharding (as PEFT itself requires); :func:`check_reachable` refuses a DTensor weight at initialisation with that
+  advice instead of decomposing one shard. Reading a whole weight later (the base-weight fingerprint checked when a
+  checkpoint is loaded, e.g. on ``trainer.train(resume_from_checkpoint=...)``) goes through :func:`gathered`, which
+  assembles the shards with ``full_tensor()``: a collective, so every rank of the mesh must read the weight (the load
+  hook runs on every rank).
 * DDP replicates plain tensors: nothing to do (its constructor broadcasts rank 0's parameters and buffers anyway).
 """
 
@@ -67,11 +70,15 @@ def check_reachable(weight: torch.Tensor, name: str) -> None:
 
 @contextlib.contextmanager
 def gathered(weight: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Yield ``weight`` with its full values: all-gathered (read-only) if ZeRO-3 partitioned it, else as it is.
+    """Yield ``weight`` with its full values, to be read only: all-gathered if ZeRO-3 partitioned it, assembled from
+    its shards (a plain tensor) if it is a DTensor (FSDP2, tensor parallel), else ``weight`` itself.
 
-    Raises if the gather did not produce the full, finite weight, instead of decomposing a partition. Every rank of
-    the ZeRO-3 group must enter this together.
+    Both gathers are collectives: every rank of the ZeRO-3 group / of the DTensor's mesh must enter this together.
+    For ZeRO-3, raises if the gather did not produce the full, finite weight, instead of decomposing a partition.
     """
+    if is_dtensor(weight):
+        yield weight.detach().full_tensor()
+        return
     if not is_zero3_param(weight):
         yield weight
         return

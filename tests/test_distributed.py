@@ -29,6 +29,7 @@ from .distributed.launcher import ROOT, deepspeed_available, launch, save_tiny_m
 pytestmark = pytest.mark.slow
 
 WORKER = ROOT / "tests" / "distributed" / "worker_grpo.py"
+TRAINER_WORKER = ROOT / "tests" / "distributed" / "worker_trainer.py"
 ENGINES = ("ddp", "fsdp2", "zero3")
 EXPECTED_TYPE = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED"}
 EXPECTED_WRAPPER = {"ddp": "DistributedDataParallel", "fsdp2": "FSDPPeftModel", "zero3": "DeepSpeedEngine"}
@@ -149,6 +150,71 @@ def test_fsdp2_refuses_an_already_sharded_model(launched):
         assert after["probe"]["kind"] == "dtensor" and after["probe"]["local_numel"] < after["probe"]["full_numel"]
         assert "already sharded" in after["error"] and "before fully_shard" in after["error"]
         assert after["lora_layers_left"] == 0
+
+
+# ---- FSDP2: resuming a Trainer checkpoint (tests/distributed/worker_trainer.py, plain Trainer, LM loss) ----
+
+
+@pytest.fixture(scope="module")
+def fsdp2_resumed(tiny_model_dir, tmp_path_factory) -> tuple[list[dict], list[dict]]:
+    """Two launches with fsdp2.yaml (FULL_STATE_DICT): GeoRA r=4 trained 3 steps with a checkpoint per step, then a
+    new launch that resumes from checkpoint-2 for the third step (base check ``"raise"``)."""
+    model = ["--engine", "fsdp2", "--model", str(tiny_model_dir)]
+    first = tmp_path_factory.mktemp("fsdp2_train")
+    trained = launch("fsdp2", TRAINER_WORKER, first, ["--task", "train", *model])
+    out = tmp_path_factory.mktemp("fsdp2_resume")
+    resumed = launch("fsdp2", TRAINER_WORKER, out, ["--task", "resume", *model, "--first-run", str(first)])
+    return trained, resumed
+
+
+def test_fsdp2_resume_from_checkpoint_is_exact(fsdp2_resumed):
+    trained, resumed = fsdp2_resumed
+    assert trained[0]["checkpoints"] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert trained[0]["final_digests"] == trained[1]["final_digests"]
+    for result in resumed:
+        assert result["facts"]["distributed_type"] == "FSDP" and result["facts"]["fsdp2_module"]
+        assert result["steps_run"] == 1 and result["global_step"] == 3
+        loaded = result["loaded_equal_checkpoint"]  # as the resumed run starts: the checkpoint's tensors
+        assert len(loaded) == len(result["checkpoint_keys"]) == 56 and all(loaded.values())
+        # after the third step: bit for bit the run that did not stop
+        assert result["final_keys_match"] and len(result["final_bitwise"]) == 56, result["final_max_diff"]
+        assert all(result["final_bitwise"].values()), result["final_max_diff"]
+
+
+def test_fsdp2_resume_runs_the_base_check_on_the_shards(fsdp2_resumed):
+    _, resumed = fsdp2_resumed
+    for result in resumed:
+        before, after = result["check_at_resume"]["before"], result["check_at_resume"]["after"]
+        assert after["checks"] > before["checks"]
+        assert after["fingerprints"] - before["fingerprints"] == 14  # every adapted layer's base weight, whole
+        assert after["mismatched"] == []
+        # SHARDED_STATE_DICT: accelerate's save_fsdp_model / load_fsdp_model (DCP) checks the same way
+        before, after = result["check_at_sharded_load"]["before"], result["check_at_sharded_load"]["after"]
+        assert after["fingerprints"] - before["fingerprints"] == 14 and after["mismatched"] == []
+        assert result["sharded_load_unchanged"]
+
+
+def test_fsdp2_gathered_reads_the_whole_dtensor_weight(fsdp2_resumed):
+    _, resumed = fsdp2_resumed
+    for result in resumed:
+        assert result["probe"]["kind"] == "dtensor" and result["probe"]["local_numel"] < result["probe"]["full_numel"]
+        assert result["gathered_is_full"]  # a plain tensor equal to the weight before sharding
+        assert result["fingerprint_on_shards_equal"]  # == the fingerprint recorded at init, on the full weight
+
+
+def test_fsdp2_resume_onto_a_changed_base_is_caught(fsdp2_resumed):
+    _, resumed = fsdp2_resumed
+    for result in resumed:  # one shard of q_proj's weight doubled, then the checkpoint loaded again
+        message = result["changed_base"]
+        assert message and "1 adapted module(s)" in message and "model.layers.0.self_attn.q_proj" in message
+
+
+def test_single_process_reference_reproduces_fsdp2_training(fsdp2_resumed):
+    """The machinery of tests/test_distributed_precision.py: a single-process run on the engine's recorded global
+    batches from its initial state (the Trainer's optimizer and clipping) matches a float32 FSDP2 run to rounding."""
+    trained, _ = fsdp2_resumed
+    for result in trained:
+        assert result["engine_vs_fp32_reference"]["max"] < 1e-5
 
 
 # ---- in-process: no launcher needed ----
