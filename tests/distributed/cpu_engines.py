@@ -5,8 +5,10 @@ gloo) only when the CPU flag is set, and it never enables FSDP or DeepSpeed for 
 silently trains one independent model per process, or trips DeepSpeed's batch-size check (one process counted).
 :func:`enable_cpu_engines` patches two private spots of accelerate's state (pinned: accelerate 1.15) so that a CPU
 launch gets gloo and the engine its config asks for. It also stops DeepSpeed from JIT-compiling its CPU
-shared-memory all-reduce kernel (a C++ build of several minutes that these tests do not use). None of this is
-needed on GPUs, and none of it belongs in the library.
+shared-memory all-reduce kernel (a C++ build of several minutes that these tests do not use), and lets
+``TrainingArguments(bf16=True)`` through on a machine without a GPU (transformers asks for ``use_cpu=True`` there,
+which would turn DeepSpeed off; torch's CPU kernels and autocast run bf16). None of this is needed on GPUs, and none
+of it belongs in the library.
 
 Every fallback above exits 0, so workers record what actually ran (:func:`engine_facts`) and the tests assert it.
 """
@@ -58,6 +60,10 @@ def enable_cpu_engines() -> None:
     PartialState._prepare_backend = _prepare_backend
     AcceleratorState.__init__ = __init__
     PartialState._geora_cpu_engines = True
+    if not torch.cuda.is_available():
+        import transformers.training_args
+
+        transformers.training_args.is_torch_bf16_gpu_available = lambda: True  # only its bf16 argument check uses it
     try:
         import deepspeed.comm.torch as ds_torch
     except ImportError:
