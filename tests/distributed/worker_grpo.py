@@ -45,8 +45,8 @@ from tests.distributed.worker_common import anchors_of, logits, max_diff, peft_k
 from tests.grpo_utils import distinct_chars_reward, make_tiny_tokenizer, tiny_prompt_dataset  # noqa: E402
 
 PROBE = "model.layers.0.mlp.down_proj"  # a rectangular (64 x 96) target
-# beta > 0 makes TRL take its KL reference from disable_adapter(); under ZeRO-3 that fails (anchor.py reads shapes
-# from the partitioned factor), so ZeRO-3 trains with beta = 0 and records the failure instead
+# beta > 0 makes TRL take its KL reference from disable_adapter(), on every engine (under ZeRO-3 too: the factors'
+# shapes are read from the anchor buffers, which ZeRO-3 does not partition)
 BETA = {"ddp": 0.1, "fsdp2": 0.1, "zero3": 0.1}
 
 
