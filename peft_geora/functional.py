@@ -112,6 +112,13 @@ def _work_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def _work_copy(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in the work dtype and contiguous (a copy only where needed). The passes below write masks and
+    thresholds through flat views (:func:`chunks`): on a transposed weight (a ``Conv1D``'s, read as out x in) those
+    views would be copies, and the writes would be lost."""
+    return weight.contiguous().to(_work_dtype(weight))
+
+
 def _check_matrix(weight: torch.Tensor) -> None:
     if weight.dim() != 2:
         raise ValueError(f"GeoRA decomposes 2-D weights, got a tensor of shape {tuple(weight.shape)}")
@@ -459,7 +466,7 @@ def geora_masks(
     """Spectral and Euclidean priors of ``weight`` (out x in): boolean masks of its low-magnitude entries."""
     _check_matrix(weight)
     quantile_rank(rho, weight.numel())  # validates rho
-    w = weight.to(_work_dtype(weight))
+    w = _work_copy(weight)
     svd_kwargs = dict(solver=svd_solver, niter=svd_niter, oversample=svd_oversample, seed=svd_seed)
     return _prior_indicators(w, rho, spectral_rank, None, svd_kwargs)[0]
 
@@ -501,7 +508,7 @@ def geora_decompose(
     if not scale_divisor > 0:
         raise ValueError(f"scale_divisor must be positive, got {scale_divisor}")
     svd_kwargs = dict(solver=svd_solver, niter=svd_niter, oversample=svd_oversample, seed=svd_seed)
-    w = weight.to(_work_dtype(weight))
+    w = _work_copy(weight)
     if priors == "none":
         masks = GeoRAMasks(torch.ones_like(w, dtype=torch.bool), torch.ones_like(w, dtype=torch.bool))
         w_geo = w

@@ -155,3 +155,19 @@ def test_truncate_product_edge_cases():
             truncate_product(torch.ones(5, 2), torch.ones(2, 4), bad)
     with pytest.raises(ValueError, match="do not multiply"):
         truncate_product(torch.ones(5, 2), torch.ones(3, 4), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_transposed_weight_decomposes_as_its_contiguous_copy(dtype):
+    """A Conv1D weight is read as out x in through a transposed view: masks and factors must not depend on the
+    layout (the passes write through flat views, which a non-contiguous tensor would turn into lost copies)."""
+    gen = torch.Generator().manual_seed(0)
+    stored = (torch.randn(48, 64, generator=gen) * torch.linspace(0.1, 2.0, 64)).to(dtype)  # (in, out), as Conv1D
+    view = stored.T
+    assert not view.is_contiguous()
+    for solver in ("exact", "auto"):
+        ours, reference = (geora_decompose(w, 4, svd_solver=solver) for w in (view, view.contiguous()))
+        assert torch.equal(ours.masks.spectral, reference.masks.spectral)
+        assert torch.equal(ours.masks.euclidean, reference.masks.euclidean)
+        assert torch.equal(ours.factors.A, reference.factors.A) and torch.equal(ours.factors.B, reference.factors.B)
+    assert all(torch.equal(m, n) for m, n in zip(geora_masks(view, rho=0.2), geora_masks(view.contiguous(), rho=0.2)))
