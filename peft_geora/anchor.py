@@ -91,6 +91,24 @@ class _AnchoredProduct(torch.autograd.Function):
         return grad_u, grad_delta, None, None
 
 
+def effective_weight(delta: torch.Tensor, anchor: torch.Tensor, kind: str, experts: int = 1) -> torch.Tensor:
+    """The rank-2r LoRA factor a GeoRA factor stands for: ``A' = [dA; A0]`` (``kind="A"``), ``B' = [B0 + dB, dB]``
+    (``kind="B"``), with ``B' A' = B A - B0 A0``; in the delta's dtype.
+
+    With ``experts > 1`` the tensors are laid out as PEFT's ``ParamWrapper`` lays out a LoRA on ``E`` stacked
+    experts: ``A`` (E r x in) with the experts' blocks of r rows one after the other, ``B`` (out x r E) with column
+    ``j E + e`` for rank ``j`` of expert ``e``; the result is the same layout at rank 2r per expert, so PEFT's own
+    per-expert products apply to it unchanged.
+    """
+    if experts == 1:
+        return _AnchoredProduct.weight(delta, anchor, kind)
+    if kind == "A":
+        d, a = (t.reshape(experts, -1, t.shape[-1]) for t in (delta, anchor))
+        return torch.cat([d, a], dim=1).reshape(-1, delta.shape[-1])
+    d, a = (t.reshape(t.shape[0], -1, experts) for t in (delta, anchor))
+    return torch.cat([a + d, d], dim=1).reshape(delta.shape[0], -1)
+
+
 class _Anchored(nn.Module):
     """A trainable ``delta`` (the update of a factor, zero at init) and its frozen float32 ``anchor``, one shape.
 
@@ -101,7 +119,9 @@ class _Anchored(nn.Module):
     module once.
     """
 
-    def __init__(self, delta: torch.Tensor, anchor: torch.Tensor, awaiting_checkpoint: bool = False) -> None:
+    def __init__(
+        self, delta: torch.Tensor, anchor: torch.Tensor, awaiting_checkpoint: bool = False, experts: int = 1
+    ) -> None:
         super().__init__()
         if delta.shape != anchor.shape:
             raise ValueError(f"delta {tuple(delta.shape)} and anchor {tuple(anchor.shape)} must have one shape")
@@ -110,6 +130,14 @@ class _Anchored(nn.Module):
         self.register_buffer("anchor", anchor.to(ANCHOR_DTYPE).contiguous(), persistent=True)
         self.awaiting_checkpoint = awaiting_checkpoint
         self.loaded_unchecked = False
+        self.experts = experts  # > 1: the factors of E stacked experts, in PEFT's ParamWrapper layout
+
+    def _no_expert_forward(self) -> None:
+        if self.experts > 1:
+            raise RuntimeError(
+                "GeoRA: the factors of stacked experts are applied by their ParamWrapper (through the weight), not "
+                "called on activations"
+            )
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _Anchored:
         """Apply a device/dtype move, keeping the anchor in float32 (it is moved, never rounded)."""
@@ -169,12 +197,13 @@ class AnchoredA(_Anchored):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Effective rank-2r LoRA A: ``[dA; A0]`` (2r x in), in the delta's dtype."""
-        return _AnchoredProduct.weight(self.delta, self.anchor_like_delta(), "A")
+        """Effective rank-2r LoRA A: ``[dA; A0]`` (2r x in), in the delta's dtype (see :func:`effective_weight`)."""
+        return effective_weight(self.delta, self.anchor_like_delta(), "A", self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[dA x ; A0 x]``: exactly zero in the first half while ``dA == 0``."""
         self.check_ready()
+        self._no_expert_forward()
         return _AnchoredProduct.apply(x, self.delta, self.anchor_like_delta(), "A")
 
     def extra_repr(self) -> str:
@@ -206,11 +235,12 @@ class AnchoredB(_Anchored):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Effective rank-2r LoRA B: ``[B0 + dB, dB]`` (out x 2r), in the delta's dtype."""
-        return _AnchoredProduct.weight(self.delta, self.anchor_like_delta(), "B")
+        """Effective rank-2r LoRA B: ``[B0 + dB, dB]`` (out x 2r), in the delta's dtype (:func:`effective_weight`)."""
+        return effective_weight(self.delta, self.anchor_like_delta(), "B", self.experts)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``[d ; h0] -> (B0 + dB) d + dB h0``; with ``d = dA x``, ``h0 = A0 x`` that is ``B A x - B0 A0 x``."""
+        self._no_expert_forward()
         return _AnchoredProduct.apply(h, self.delta, self.anchor_like_delta(), "B")
 
     def extra_repr(self) -> str:

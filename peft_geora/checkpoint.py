@@ -126,6 +126,12 @@ def _features(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _has_float_parameters(module: nn.Module) -> bool:
+    """A module whose own parameters (``target_parameters``: experts, routers) GeoRA may have adapted; their shapes
+    are checked when the adapter is built on them."""
+    return any(p.is_floating_point() for p in module.parameters(recurse=False))
+
+
 def validate_checkpoint(folder: str | Path, model: nn.Module) -> None:
     """Raise a clear error (naming the file and the module) unless ``folder``'s weights fit ``model``."""
     try:
@@ -150,6 +156,7 @@ def validate_checkpoint(folder: str | Path, model: nn.Module) -> None:
         missing = set(GEORA_PARTS) - parts.keys()
         if missing:
             raise ValueError(f"GeoRA: {path} is incomplete: module '{name}' lacks {sorted(missing)}")
+        name = name.replace(".base_layer", "")  # nested parameter wrappers (several parameters of one module)
         if name not in modules:
             raise ValueError(
                 f"GeoRA: {path} adapts module '{name}', which this model does not have: the adapter was made for "
@@ -160,7 +167,12 @@ def validate_checkpoint(folder: str | Path, model: nn.Module) -> None:
         consistent = parts["A_anchor"] == parts["A_delta"] and parts["B_anchor"] == parts["B_delta"] and r == r_b
         if not consistent:
             raise ValueError(f"GeoRA: {path} has inconsistent factor shapes for module '{name}': {parts}")
-        if features != (out_features, in_features):
+        if features is None and not _has_float_parameters(modules[name]):
+            raise ValueError(
+                f"GeoRA: {path} adapts module '{name}', but the model's module there is a "
+                f"{type(modules[name]).__name__} with no float parameter to adapt"
+            )
+        if features is not None and features != (out_features, in_features):
             raise ValueError(
                 f"GeoRA: {path} has factors for a {out_features} x {in_features} weight at module '{name}', but "
                 f"the model's module there is {type(modules[name]).__name__} with (out, in) = {features}"

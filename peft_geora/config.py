@@ -29,7 +29,6 @@ _REFUSED_LORA_OPTIONS: dict[str, object] = {
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
-    "target_parameters": None,
     "lora_bias": False,
     "use_qalora": False,
     "use_bdlora": None,
@@ -159,6 +158,14 @@ class GeoRAConfig(LoraConfig):
         metadata={
             "help": "Per target module, a cheap fingerprint of the base weight the adapter was initialised on; "
             "loading onto a base whose weights differ warns (or raises, see peft_geora.base_check)."
+        },
+    )
+    parameter_targets: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Written at injection: per module path of an adapted parameter (target_parameters), "
+            "[parameter name, number of experts E]. The saved factors (E r x in, out x r E) are keyed by module "
+            "path, which tells neither; the LoRA export and inspect read them here."
         },
     )
     geora_format_version: int = field(

@@ -27,6 +27,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
+from .anchor import effective_weight
 from .checkpoint import PEFT_PREFIX, geora_tensors_by_module, read_tensors, weights_file
 from .config import lora_scaling, pattern_value
 from .functional import truncate_product
@@ -80,18 +81,23 @@ def geora_to_lora(
     new_r = rank if rank is not None else 2 * base_r
     rank_pattern, alpha_pattern, errors = {}, {}, {}
     for module, p in sorted(parts.items()):
+        name, experts = _pattern_key_and_experts(config, module.removeprefix(PEFT_PREFIX))
+        r = p["A_anchor"].shape[0] // experts
         dtype = p["A_delta"].dtype
-        a = torch.cat([p["A_delta"].float(), p["A_anchor"].float()], dim=0)
-        b = torch.cat([p["B_anchor"].float() + p["B_delta"].float(), p["B_delta"].float()], dim=1)
+        a = effective_weight(p["A_delta"].float(), p["A_anchor"].float(), "A", experts)
+        b = effective_weight(p["B_delta"].float(), p["B_anchor"].float(), "B", experts)
         errors[module] = 0.0
         if rank is not None:
+            if experts > 1:
+                raise ValueError(
+                    f"GeoRA export: module '{name}' holds {experts} stacked experts; a rank-k export of experts is "
+                    "not supported (export them exactly, at rank 2r per expert)"
+                )
             b, a, errors[module] = truncate_product(b, a, rank)
         out[f"{module}.lora_A.weight"] = a.to(dtype).contiguous()
         out[f"{module}.lora_B.weight"] = b.to(dtype).contiguous()
-        name = module.removeprefix(PEFT_PREFIX)
-        r = p["A_anchor"].shape[0]
         scaling = lora_scaling(r, pattern_value(config.get("alpha_pattern") or {}, name, base_alpha), rslora)
-        r_m = a.shape[0]
+        r_m = a.shape[0] // experts
         if r_m != new_r:
             rank_pattern[name] = r_m
         if not math.isclose(scaling * r_m, default_scaling * new_r, rel_tol=1e-12):
@@ -107,6 +113,13 @@ def geora_to_lora(
         init_lora_weights=True,
     )
     return lora_config, out, errors
+
+
+def _pattern_key_and_experts(config: dict, module: str) -> tuple[str, int]:
+    """The name PEFT resolves a saved module's rank and alpha patterns by, and its number of stacked experts: for an
+    adapted parameter (the config's ``parameter_targets``) the parameter's name and E, else the module path and 1."""
+    key, experts = (config.get("parameter_targets") or {}).get(module, (module, 1))
+    return key, experts
 
 
 def _exact_pattern(name: str) -> str:

@@ -149,7 +149,7 @@ def check_loaded_adapters(model: nn.Module) -> list[str]:
                 continue
             lora_a.loaded_unchecked = False
             expected = module.geora_expected_fingerprint.get(adapter)
-            weight = module.get_base_layer().weight
+            weight = module.geora_target_weight()
             if policy == "off" or not expected or weight.device.type == "meta":
                 continue
             if not fingerprints_match(expected, module.geora_fingerprint()):

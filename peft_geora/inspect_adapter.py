@@ -134,6 +134,13 @@ def inspect_adapter(
     if skipped:
         notes.append(f"skipped {len(skipped)} modules with non-matrix factors (convolutions): {', '.join(skipped)}")
         modules = {k: t for k, t in modules.items() if k not in skipped}
+    targets = config.get("parameter_targets") or {}
+    experts = sorted(k for k in modules if targets.get(k, (k, 1))[1] > 1)
+    if experts:
+        notes.append(
+            f"skipped {len(experts)} modules of stacked experts (not analysed per expert): {', '.join(experts)}"
+        )
+        modules = {k: t for k, t in modules.items() if k not in experts}
     weights = load_base_weights(folder, sorted(modules))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     rows = []

@@ -29,7 +29,7 @@ from .config import GeoRAConfig, lora_scaling
 from .diagnostics import decomposition_report
 from .distributed import broadcast_from_rank0, check_reachable, gathered, is_zero3_param
 from .fingerprint import weight_fingerprint
-from .functional import geora_decompose
+from .functional import GeoRAFactors, geora_decompose
 from .init_runtime import advance, resolve_init_device
 
 logger = logging.getLogger(__name__)
@@ -124,8 +124,8 @@ class GeoRALayer:
     other_param_names = LoraLayer.other_param_names + ("geora_settings", "geora_reports", "geora_expected_fingerprint")
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: GeoRAConfig, **kwargs: Any) -> None:
-        target_name = kwargs.get("target_name") or type(self).__name__
-        check_target(self.get_base_layer(), target_name)
+        target_name = self._geora_target_name(kwargs.get("target_name"))
+        self._check_geora_target(target_name)
         r, lora_alpha = self._capped_rank(target_name, r, lora_alpha, config)
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
         for attr in ("geora_settings", "geora_reports", "geora_expected_fingerprint"):
@@ -134,6 +134,17 @@ class GeoRALayer:
         if _PLAIN_LORA_MODULES.get():  # filled by the caller, then anchored (see combined_adapter)
             return
         self._install_anchors(adapter_name, config, target_name)
+
+    def _geora_target_name(self, target_name: str | None) -> str:
+        """The name GeoRA keys this target by (fingerprints, messages): PEFT's module key."""
+        return target_name or type(self).__name__
+
+    def _check_geora_target(self, target_name: str) -> None:
+        check_target(self.get_base_layer(), target_name)
+
+    def geora_target_weight(self) -> torch.Tensor:
+        """The base tensor GeoRA decomposes and fingerprints."""
+        return self.get_base_layer().weight
 
     def _capped_rank(self, target_name: str, r: int, lora_alpha: float, config: GeoRAConfig) -> tuple[int, float]:
         """``(r, lora_alpha)`` for this layer: a rank above ``min(out, in)`` is lowered to it, with the alpha that
@@ -181,26 +192,24 @@ class GeoRALayer:
         Meta-device placeholders (``low_cpu_mem_usage``) and configs read from a checkpoint get placeholders that the
         checkpoint fills: no decomposition runs when loading.
         """
-        r = self.r[adapter_name]
         placeholder = self.lora_A[adapter_name].weight
-        base_weight = self.get_base_layer().weight
+        a_shape, b_shape = placeholder.shape, self.lora_B[adapter_name].weight.shape  # (r x in), (out x r) per expert
+        base_weight = self.geora_target_weight()
         key = self._settings_key(adapter_name, config)
         report: dict[str, float] = {}
         awaiting = config.init_from_checkpoint
         expected = config.base_fingerprints.get(target_name)
         if placeholder.device.type == "meta" or base_weight.device.type == "meta":
-            a0 = torch.empty(r, self.in_features, device="meta")
-            b0 = torch.empty(self.out_features, r, device="meta")
+            a0, b0 = torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta")
             da, db = a0, b0
         elif awaiting and not self._reusable(adapter_name, key):
-            a0 = torch.full((r, self.in_features), float("nan"))
-            b0 = torch.full((self.out_features, r), float("nan"))
+            a0, b0 = torch.full(a_shape, float("nan")), torch.full(b_shape, float("nan"))
             da, db = a0.clone(), b0.clone()
         elif not config.init_weights:
-            a0 = torch.randn(r, self.in_features) / math.sqrt(self.in_features)
-            b0 = torch.randn(self.out_features, r) / math.sqrt(r)
+            a0 = torch.randn(a_shape) / math.sqrt(a_shape[1])
+            b0 = torch.randn(b_shape) / math.sqrt(self.r[adapter_name])
             da = placeholder.detach().float().clone()
-            db = torch.randn(self.out_features, r) / math.sqrt(r)
+            db = torch.randn(b_shape) / math.sqrt(self.r[adapter_name])
             awaiting = False
         else:
             a0, b0, report = self._decomposition(adapter_name, config, key, target_name)
@@ -209,8 +218,9 @@ class GeoRALayer:
         if not awaiting and base_weight.device.type != "meta":
             expected = self.geora_fingerprint()
             config.base_fingerprints[target_name] = expected
-        self.lora_A[adapter_name] = AnchoredA(da, a0, awaiting_checkpoint=awaiting)
-        self.lora_B[adapter_name] = AnchoredB(db, b0, awaiting_checkpoint=awaiting)
+        experts = self._geora_experts
+        self.lora_A[adapter_name] = AnchoredA(da, a0, awaiting_checkpoint=awaiting, experts=experts)
+        self.lora_B[adapter_name] = AnchoredB(db, b0, awaiting_checkpoint=awaiting, experts=experts)
         self.geora_settings[adapter_name] = key
         self.geora_reports[adapter_name] = report
         self.geora_expected_fingerprint[adapter_name] = expected
@@ -242,23 +252,35 @@ class GeoRALayer:
         with self._geora_weight() as matrix:
             divisor = self.scaling[adapter_name] if config.scale_convention == "pissa" else 1.0
             device = resolve_init_device(config.init_device, matrix, target_name)
-            dec = geora_decompose(
-                matrix.to(device),
-                self.r[adapter_name],
-                rho=config.rho,
-                spectral_rank=config.spectral_rank,
-                priors=config.priors,
-                components=config.components,
-                scale_divisor=divisor,
-                svd_solver=config.svd_solver,
-                svd_niter=config.svd_niter,
-                svd_oversample=config.svd_oversample,
-                svd_seed=config.svd_seed,
-            )
-        report = dict(decomposition_report(dec), seconds=time.perf_counter() - start, reused=0.0)
-        a0, b0 = broadcast_from_rank0(dec.factors, like=self.get_base_layer().weight)  # ZeRO-3: rank 0's
+            factors, report = self._decompose(matrix.to(device), self.r[adapter_name], config, divisor)
+        report = dict(report, seconds=time.perf_counter() - start, reused=0.0)
+        a0, b0 = broadcast_from_rank0(factors, like=self.geora_target_weight())  # ZeRO-3: rank 0's
         advance(target_name)
         return a0.cpu(), b0.cpu(), report
+
+    @property
+    def _geora_experts(self) -> int:
+        """How many stacked experts the factors hold (1 for a linear layer)."""
+        return 1
+
+    def _decompose(
+        self, matrix: torch.Tensor, r: int, config: GeoRAConfig, divisor: float
+    ) -> tuple[GeoRAFactors, dict[str, float]]:
+        """GeoRA's factors of the (out x in) ``matrix`` in this layer's layout, and the report of the decomposition."""
+        dec = geora_decompose(
+            matrix,
+            r,
+            rho=config.rho,
+            spectral_rank=config.spectral_rank,
+            priors=config.priors,
+            components=config.components,
+            scale_divisor=divisor,
+            svd_solver=config.svd_solver,
+            svd_niter=config.svd_niter,
+            svd_oversample=config.svd_oversample,
+            svd_seed=config.svd_seed,
+        )
+        return dec.factors, decomposition_report(dec)
 
     @contextlib.contextmanager
     def _geora_weight(self) -> Iterator[torch.Tensor]:
@@ -272,7 +294,7 @@ class GeoRALayer:
 
     def geora_fingerprint(self) -> dict:
         """Fingerprint of the base weight (:mod:`peft_geora.fingerprint`), recorded at init and checked on load."""
-        with gathered(self.get_base_layer().weight) as weight:
+        with gathered(self.geora_target_weight()) as weight:
             return weight_fingerprint(weight)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:

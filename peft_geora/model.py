@@ -53,8 +53,12 @@ class GeoRAModel(LoraModel):
                 "output head out of target_modules (the paper's setting, and GeoRA's default 'all-linear'), or set "
                 "ensure_weight_tying=False to adapt the head alone (the input embedding then keeps its weights)."
             )
+        parameter_name = kwargs.pop("parameter_name", None)
+        if parameter_name is not None:  # target_parameters: a 2-D parameter or 3-D stacked experts
+            from .experts import GeoRAParamWrapper
+
+            return GeoRAParamWrapper(target, adapter_name, parameter_name=parameter_name, config=config, **kwargs)
         check_target_type(base, name)  # the weight is checked by update_layer, before anything is modified
-        kwargs.pop("parameter_name", None)
         if bnb_layer_kind(base) is not None:
             from .quantized import create_quantized_module
 
@@ -70,7 +74,7 @@ class GeoRAModel(LoraModel):
         checkpoint_dir = config.__dict__.pop("_checkpoint_dir", None)  # checked for this load only: the adapter
         if config.init_from_checkpoint and checkpoint_dir is not None:  # must not depend on its folder afterwards
             validate_checkpoint(checkpoint_dir, model)
-        _warn_about_expert_parameters(model, config)
+        _convert_moe_targets(model, config)
         decomposes = config.init_weights and not config.init_from_checkpoint
         total = _count_targets(self, model, config) if decomposes else 0
         try:
@@ -79,6 +83,11 @@ class GeoRAModel(LoraModel):
         except Exception:
             _remove_adapter_from_modules(model, adapter_name)
             raise
+        config.parameter_targets = {
+            name: [module.geora_param_key, module.num_experts]
+            for name, module in model.named_modules()
+            if isinstance(module, GeoRALayer) and adapter_name in module.lora_A and hasattr(module, "geora_param_key")
+        }
         ensure_load_hooks(model)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(list(MODEL_TAGS))
@@ -157,36 +166,26 @@ class GeoRAModel(LoraModel):
         }
 
 
-def _warn_about_expert_parameters(model: nn.Module, config: GeoRAConfig) -> None:
-    """Warn when stock LoRA, given the same targets, would also adapt parameters GeoRA leaves frozen.
+def _convert_moe_targets(model: nn.Module, config: GeoRAConfig) -> None:
+    """Target on a mixture-of-experts model what PEFT's LoRA targets with the same ``target_modules``.
 
-    On mixture-of-experts models transformers 5 stores the experts (and some routers) as 3-D / bare parameters, which
-    PEFT's LoRA reaches with ``target_parameters`` (added by itself for ``"all-linear"``). GeoRA adapts linear
-    layers only, so those stay frozen: say so, naming them, rather than leave it to be found out.
+    transformers 5 stores the experts of MoE blocks (and some routers) as parameters; for LoRA, PEFT's
+    ``inject_adapter`` maps ``target_modules`` (``"all-linear"`` included) to the matching ``target_parameters``
+    (PEFT's ``convert_peft_config_for_transformers``), but only for ``PeftType.LORA``. GeoRA applies the same mapping
+    to its own config, in place, and logs what it added.
     """
-    if not hasattr(getattr(model, "config", None), "model_type"):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
         return
-    from peft import LoraConfig
-    from peft.utils.transformers_weight_conversion import (
-        convert_peft_config_for_transformers,
-        get_model_conversion_mapping,
-    )
+    from peft.utils.transformers_weight_conversion import _convert_peft_config_moe, get_checkpoint_conversion_mapping
 
-    targets = config.target_modules
-    lora = LoraConfig(target_modules=set(targets) if isinstance(targets, (list, set)) else targets)
-    try:
-        convert_peft_config_for_transformers(lora, model=model, conversions=get_model_conversion_mapping(model))
-    except Exception as exc:  # noqa: BLE001  (PEFT's conversion is a best effort; this is only a notice)
-        logger.debug("could not work out LoRA's target parameters: %s", exc)
+    if get_checkpoint_conversion_mapping(model_type) is None:
         return
-    if lora.target_parameters:
-        logger.warning(
-            "GeoRA adapts linear layers only: on this %s model the parameters %s, which PEFT's LoRA would adapt "
-            "with the same target_modules (through target_parameters), stay frozen (mixture-of-experts weights "
-            "stored as 3-D parameters, routers). The adapted layers are the linear ones.",
-            model.config.model_type,
-            sorted(lora.target_parameters),
-        )
+    before = set(config.target_parameters or [])
+    _convert_peft_config_moe(config, model)
+    added = set(config.target_parameters or []) - before
+    if added:
+        logger.info("GeoRA on this %s model also adapts the parameters %s, as LoRA does", model_type, sorted(added))
 
 
 def _count_targets(tuner: GeoRAModel, model: nn.Module, config: GeoRAConfig) -> int:

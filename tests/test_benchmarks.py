@@ -107,3 +107,9 @@ def test_krylov_convergence_bounds_the_time_per_block_size(smollm2_path, tmp_pat
     summary = result["blocks"]
     assert summary["8"]["products_per_weight"] == w["oracle_products"] + w_geo["oracle_products"]
     assert summary["4"]["over_pissa"] == summary["4"]["product_seconds"] / w["pissa_seconds"]
+
+
+def test_moe_init_compares_batched_geora_with_the_per_expert_loop_and_lora(tmp_path):
+    result = run_script("moe_init.py", ["--shape", "tiny", "--repeats", "1", "--r", "4"], tmp_path / "moe.json")
+    assert set(result["median_seconds"]) == {"lora", "geora_batched", "geora_per_expert_loop"}
+    assert result["shape"]["experts"] == 4 and result["largest_product_difference"] < 1e-5

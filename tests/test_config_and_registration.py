@@ -112,7 +112,6 @@ def test_rho_outside_open_interval(rho):
         ({"loftq_config": {"loftq_bits": 4}}, "loftq_config"),
         ({"eva_config": {"rho": 2.0}}, "eva_config"),
         ({"corda_config": {"corda_method": "kpm"}}, "corda_config"),
-        ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
         ({"lora_bias": True}, "lora_bias"),
     ],
 )

@@ -316,28 +316,6 @@ def test_the_tied_output_head_alone_is_adapted_and_exact_at_init():
     assert torch.equal(logits(peft_model, inputs), base)
 
 
-def test_mixture_of_experts_parameters_left_frozen_are_named_in_a_warning(caplog):
-    """GeoRA adapts linear layers; the experts' 3-D parameters and the router, which LoRA's "all-linear" reaches with
-    target_parameters, are frozen, and the user is told which."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    config = Qwen3MoeConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with caplog.at_level("WARNING", logger="peft_geora.model"):
-        peft_model = get_peft_model(model, GeoRAConfig(r=4))
-    assert "stay frozen" in caplog.text
-    assert all(name in caplog.text for name in ("'down_proj'", "'gate.weight'", "'gate_up_proj'"))
-    assert not peft_model.base_model.model.model.layers[0].mlp.experts.gate_up_proj.requires_grad
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="peft_geora.model"):
-        get_peft_model(make_tiny_model(), GeoRAConfig(r=4))  # a dense model: nothing to say
-    assert "stay frozen" not in caplog.text
-
-
 def test_anchors_stay_float32_through_every_cast_and_placement():
     """``model.to(bf16)``, ``.half()``, ``.float()`` and PEFT's placement on a bf16 base move the anchors but never
     round them; the trainable deltas take the dtype asked for, as LoRA's factors do."""

@@ -1,0 +1,190 @@
+"""GeoRA on mixture-of-experts models: the experts' 3-D parameters and the router (PEFT's ``target_parameters``).
+
+Tiny Qwen3-MoE and Mixtral (experts stored as (E, out, in); ``"all-linear"`` reaches them as LoRA's does) and gpt-oss
+(stored transposed, (E, in, out); targeted explicitly, as LoRA's "all-linear" does not reach them there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
+
+import peft_geora
+from peft_geora import GeoRAConfig, base_check
+from peft_geora.experts import GeoRAParamWrapper
+from peft_geora.functional import geora_decompose, geora_decompose_experts
+
+from .conftest import tiny_inputs
+
+COMMON = dict(
+    vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    num_experts_per_tok=2, max_position_embeddings=64,
+)  # fmt: skip
+EXPERTS = 4
+ARCHS = {
+    "qwen3_moe": lambda: Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=48, num_experts=EXPERTS, **COMMON),
+    "mixtral": lambda: MixtralConfig(intermediate_size=48, num_local_experts=EXPERTS, **COMMON),
+    "gpt_oss": lambda: GptOssConfig(intermediate_size=48, num_local_experts=EXPERTS, head_dim=16, **COMMON),
+}
+GPT_OSS_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def build(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(ARCHS[arch](), dtype=dtype).eval()
+
+
+def geora_config(arch: str, **kwargs) -> GeoRAConfig:
+    if arch == "gpt_oss":
+        kwargs.setdefault("target_parameters", GPT_OSS_TARGETS)
+    return GeoRAConfig(r=4, **kwargs)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def wrappers(model) -> dict[str, GeoRAParamWrapper]:
+    return {m.geora_param_key: m for m in model.modules() if isinstance(m, GeoRAParamWrapper)}
+
+
+def perturb(model, scale: float = 0.05, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".delta"):
+                param.add_((scale * torch.randn(param.shape, generator=gen)).to(param.dtype))
+
+
+def expert_matrices(wrapper: GeoRAParamWrapper) -> torch.Tensor:
+    """The targeted weight as (E, out, in) (gpt-oss stores it as (E, in, out))."""
+    param = wrapper.get_param().detach().float()
+    return param if wrapper._did_swap_in_out_features else param.transpose(1, 2)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_the_experts_are_targeted_as_lora_targets_them(arch):
+    lora_config = LoraConfig(r=4, target_modules="all-linear")
+    if arch == "gpt_oss":
+        lora_config.target_parameters = GPT_OSS_TARGETS
+    lora = get_peft_model(build(arch), lora_config)
+    geora = get_peft_model(build(arch), geora_config(arch))
+    adapted = {n for n, m in lora.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {n for n, m in geora.named_modules() if hasattr(m, "lora_A")}
+    assert set(lora.peft_config["default"].target_parameters) == set(geora.peft_config["default"].target_parameters)
+    assert len(wrappers(geora)) == 2 * (2 if arch == "gpt_oss" else 3)  # layers x (gate_up, down[, router])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_at_init_and_each_expert_is_decomposed_on_its_own(arch, dtype):
+    inputs = tiny_inputs()
+    model = build(arch, dtype)
+    base = logits(model, inputs)
+    peft_model = get_peft_model(model, geora_config(arch))
+    assert torch.equal(logits(peft_model, inputs), base)
+    key = "model.layers.1.mlp.experts.down_proj"
+    wrapper = wrappers(peft_model)[key]
+    r, experts = 4, wrapper.num_experts
+    assert experts == EXPERTS
+    a0 = wrapper.lora_A["default"].anchor.reshape(experts, r, -1)
+    b0 = wrapper.lora_B["default"].anchor.reshape(-1, r, experts).permute(2, 0, 1)
+    for e, matrix in enumerate(expert_matrices(wrapper)):
+        alone = geora_decompose(matrix, r, svd_solver="exact").factors
+        torch.testing.assert_close(b0[e] @ a0[e], alone.B @ alone.A, rtol=1e-4, atol=1e-5)
+
+
+def test_the_batched_decomposition_is_the_per_expert_one():
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(6, 40, 24, generator=gen) * torch.linspace(0.1, 2.0, 24)
+    for priors, components in [("union", "head"), ("spectral", "head"), ("euclidean", "tail"), ("none", "head")]:
+        factors, report = geora_decompose_experts(weights, 5, rho=0.3, priors=priors, components=components)
+        assert factors.A.shape == (6, 5, 24) and factors.B.shape == (6, 40, 5) and report["experts"] == 6
+        for e in range(6):
+            kwargs = dict(rho=0.3, priors=priors, components=components, svd_solver="exact")
+            alone = geora_decompose(weights[e], 5, **kwargs).factors
+            torch.testing.assert_close(factors.B[e] @ factors.A[e], alone.B @ alone.A, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="rank r=25"):
+        geora_decompose_experts(weights, 25)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_the_update_merge_disable_reload_and_lora_export(arch, tmp_path, monkeypatch):
+    inputs = tiny_inputs()
+    base = logits(build(arch), inputs)
+    peft_model = get_peft_model(build(arch), geora_config(arch))
+    perturb(peft_model)
+    trained = logits(peft_model, inputs)
+    assert not torch.equal(trained, base)
+    wrapper = wrappers(peft_model)["model.layers.0.mlp.experts.gate_up_proj"]
+    r, experts, s = wrapper.r["default"], EXPERTS, wrapper.scaling["default"]  # Mixtral's fused gate_up: 2r
+    lora_a, lora_b = wrapper.lora_A["default"], wrapper.lora_B["default"]
+    a = (lora_a.anchor + lora_a.delta).detach().reshape(experts, r, -1)
+    a0 = lora_a.anchor.reshape(experts, r, -1)
+    b = (lora_b.anchor + lora_b.delta).detach().reshape(-1, r, experts).permute(2, 0, 1)
+    b0 = lora_b.anchor.reshape(-1, r, experts).permute(2, 0, 1)
+    expected = s * (b @ a - b0 @ a0)  # (E, out, in)
+    delta = wrapper.get_delta_weight("default")
+    got = delta if wrapper._did_swap_in_out_features else delta.transpose(1, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with peft_model.disable_adapter():
+        assert torch.equal(logits(peft_model, inputs), base)
+    peft_model.merge_adapter()
+    torch.testing.assert_close(logits(peft_model, inputs), trained, rtol=1e-4, atol=1e-5)
+    peft_model.unmerge_adapter()
+    torch.testing.assert_close(logits(peft_model, inputs), trained, rtol=1e-5, atol=1e-6)
+
+    peft_model.save_pretrained(tmp_path / "geora")
+    import peft_geora.functional as functional
+
+    monkeypatch.setattr(functional, "geora_decompose_experts", pytest.fail)  # loading decomposes nothing
+    with base_check("raise"):
+        reloaded = PeftModel.from_pretrained(build(arch), tmp_path / "geora")
+    assert torch.equal(logits(reloaded, inputs), trained)
+
+    peft_geora.save_as_lora(peft_model, tmp_path / "lora")
+    lora = PeftModel.from_pretrained(build(arch), tmp_path / "lora")
+    assert all(type(m).__module__.startswith("peft.") for m in lora.modules() if hasattr(m, "lora_A"))
+    assert lora.peft_config["default"].r == 8 and lora.peft_config["default"].target_parameters
+    torch.testing.assert_close(logits(lora, inputs), trained, rtol=1e-4, atol=1e-5)
+
+
+def test_a_second_adapter_on_the_experts(tmp_path):
+    inputs = tiny_inputs()
+    peft_model = get_peft_model(build("qwen3_moe"), geora_config("qwen3_moe"))
+    perturb(peft_model)
+    first = logits(peft_model, inputs)
+    peft_model.add_adapter("second", geora_config("qwen3_moe", rho=0.3))
+    peft_model.set_adapter("second")
+    base = logits(build("qwen3_moe"), inputs)
+    assert torch.equal(logits(peft_model, inputs), base)  # the new adapter starts exact
+    peft_model.set_adapter("default")
+    assert torch.equal(logits(peft_model, inputs), first)
+
+
+def test_grpo_trains_the_experts_with_an_exact_kl_reference():
+    from .grpo_utils import make_grpo_trainer
+    from .test_trl import kl_per_step
+
+    trainer = make_grpo_trainer(build("qwen3_moe"), peft_config=GeoRAConfig(r=4), beta=0.1, max_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "experts" in n and "delta" in n}
+    assert before
+    trainer.train()
+    assert kl_per_step(trainer)[0] == 0.0
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(after[n], t) for n, t in before.items())
+
+
+def test_inspect_says_it_skips_the_stacked_experts(tmp_path, capsys):
+    from peft_geora.cli import main
+
+    build("qwen3_moe").save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(build("qwen3_moe"), geora_config("qwen3_moe"))
+    perturb(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert main(["inspect", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 4 modules of stacked experts" in out and "model.layers.0.mlp.gate " in out
