@@ -189,16 +189,7 @@ def layer_quality(weight: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, conf
     """Quality of one layer's fast init (see the module docstring)."""
     w = weight.float()
     r = a0.shape[0]
-    settings = dict(
-        rho=config.rho,
-        spectral_rank=config.spectral_rank,
-        priors=config.priors,
-        components=config.components,
-        svd_solver=config.svd_solver,
-        svd_niter=config.svd_niter,
-        svd_oversample=config.svd_oversample,
-        svd_seed=config.svd_seed,
-    )
+    settings = {**config.prior_settings, **config.solver_settings}
     dec = geora_decompose(w, r, **settings)
     # the layer keeps the factors in its own dtype: compare after the same cast
     reproduced = torch.equal(dec.factors.A.to(a0.dtype).cpu(), a0.cpu()) and torch.equal(

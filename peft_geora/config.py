@@ -254,8 +254,17 @@ class GeoRAConfig(LoraConfig):
                 )
 
     @property
+    def prior_settings(self) -> dict:
+        """The keyword arguments of :func:`peft_geora.functional.geora_decompose` that choose what is decomposed."""
+        return {name: getattr(self, name) for name in ("rho", "spectral_rank", "priors", "components")}
+
+    @property
+    def solver_settings(self) -> dict:
+        """The keyword arguments of :func:`peft_geora.functional.geora_decompose` that choose the SVD solver."""
+        return {name: getattr(self, name) for name in ("svd_solver", "svd_niter", "svd_oversample", "svd_seed")}
+
+    @property
     def init_settings(self) -> dict:
         """The fields that determine the initial factors of a layer (same settings => same decomposition)."""
-        names = ("rho", "spectral_rank", "priors", "components", "scale_convention", "svd_solver", "svd_niter")
-        names += ("svd_oversample", "svd_seed", "init_weights", "fan_in_fan_out")
-        return {name: getattr(self, name) for name in names}
+        others = ("scale_convention", "init_weights", "fan_in_fan_out")
+        return {**self.prior_settings, **self.solver_settings, **{name: getattr(self, name) for name in others}}

@@ -79,15 +79,7 @@ class GeoRAParamWrapper(GeoRALayer, ParamWrapper):
     ) -> tuple[GeoRAFactors, dict[str, float]]:
         if matrix.dim() == 2:
             return super()._decompose(matrix, r, config, divisor)
-        factors, report = geora_decompose_experts(
-            matrix,
-            r,
-            rho=config.rho,
-            spectral_rank=config.spectral_rank,
-            priors=config.priors,
-            components=config.components,
-            scale_divisor=divisor,
-        )
+        factors, report = geora_decompose_experts(matrix, r, scale_divisor=divisor, **config.prior_settings)
         experts, out_features = matrix.shape[0], matrix.shape[1]
         a0 = factors.A.reshape(experts * r, -1)  # PEFT's layout: expert e's rows e r .. e r + r - 1
         b0 = factors.B.permute(1, 2, 0).reshape(out_features, r * experts)  # column j E + e

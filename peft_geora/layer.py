@@ -267,19 +267,7 @@ class GeoRALayer:
         self, matrix: torch.Tensor, r: int, config: GeoRAConfig, divisor: float
     ) -> tuple[GeoRAFactors, dict[str, float]]:
         """GeoRA's factors of the (out x in) ``matrix`` in this layer's layout, and the report of the decomposition."""
-        dec = geora_decompose(
-            matrix,
-            r,
-            rho=config.rho,
-            spectral_rank=config.spectral_rank,
-            priors=config.priors,
-            components=config.components,
-            scale_divisor=divisor,
-            svd_solver=config.svd_solver,
-            svd_niter=config.svd_niter,
-            svd_oversample=config.svd_oversample,
-            svd_seed=config.svd_seed,
-        )
+        dec = geora_decompose(matrix, r, scale_divisor=divisor, **config.prior_settings, **config.solver_settings)
         return dec.factors, decomposition_report(dec)
 
     @contextlib.contextmanager
