@@ -298,6 +298,16 @@ def update_diagnostics(
     }
 
 
+def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the mean over ``rows`` of :func:`update_diagnostics` (the experts of one parameter, the layers of one
+    type), NaN values left out (the angle of a zero update); NaN where every row has NaN."""
+    out = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows if not math.isnan(row[key])]
+        out[key] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
 def decomposition_report(dec: GeoRADecomposition) -> dict[str, float]:
     """What one GeoRA initialisation did: mask coverages, overlap (share of entries in both masks), Jaccard index,
     energy kept by the mask and the share of it the rank-r factors capture. Also the layers' ``geora_reports``."""

@@ -115,3 +115,79 @@ def test_stratified_subset_covers_every_type_and_spreads_depth():
     assert len(stratified_subset(names, 2)) == 2
     with pytest.raises(ValueError):
         GeoRADiagnosticsCallback(every_n_steps=0)
+
+
+# ---- mixture-of-experts parameters: measured expert by expert ----
+
+
+def _expert_pairs(wrapper, adapter: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
+    """W and dW of a wrapper's stacked experts as (E, out, in), by hand (gpt-oss stores (E, in, out))."""
+    with torch.no_grad():
+        weight, delta = wrapper.get_param().detach(), wrapper.get_delta_weight(adapter).detach()
+    if not wrapper._did_swap_in_out_features:
+        weight, delta = weight.transpose(1, 2), delta.transpose(1, 2)
+    return weight, delta
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_stacked_experts_are_measured_per_expert(arch):
+    from .test_experts import build, geora_config, perturb, wrappers
+
+    model = get_peft_model(build(arch), geora_config(arch))
+    perturb(model)
+    callback = GeoRADiagnosticsCallback(max_layers=None)
+    metrics = callback.compute(model)
+    by_key = wrappers(model)
+    expert_keys = [k for k in by_key if k.endswith(("gate_up_proj", "down_proj"))]
+    assert len(expert_keys) == 4
+    for key in expert_keys:
+        name = f"base_model.model.{key}"
+        assert name in callback.last_per_layer
+        weight, delta = _expert_pairs(by_key[key])
+        rows = []
+        for e in range(weight.shape[0]):
+            expected = update_diagnostics(weight[e], delta[e], 16)
+            logged = callback.last_per_expert[f"{name}[{e}]"]
+            for metric in ("s_head", "spectral_shift", "principal_angle", "relative_norm", "delta_norm"):
+                assert logged[metric] == pytest.approx(expected[metric], rel=1e-4, abs=1e-6), (key, e, metric)
+            rows.append(logged)
+        for metric in ("s_head", "spectral_shift", "relative_norm"):  # the layer's row: the mean over experts
+            mean = sum(r[metric] for r in rows) / len(rows)
+            assert callback.last_per_layer[name][metric] == pytest.approx(mean, rel=1e-12)
+    assert "geora/s_head/mlp.experts.gate_up_proj" in metrics and "geora/s_head/mlp.experts.down_proj" in metrics
+    layers = 2 * (7 if arch == "qwen3_moe" else 6)  # attention 4 + gate_up + down (+ router on Qwen3-MoE)
+    assert metrics["geora/layers"] == float(layers)
+    if arch == "qwen3_moe":  # the router (a 2-D parameter) is a layer of its own
+        assert "geora/s_head/mlp.gate.weight" in metrics
+    # max_layers: an expert parameter is one layer of its type, picked like any other
+    subset = GeoRADiagnosticsCallback(max_layers=6)
+    sub = subset.compute(model)
+    assert sub["geora/layers"] == 6.0
+    assert "geora/s_head/mlp.experts.gate_up_proj" in sub and "geora/s_head/mlp.experts.down_proj" in sub
+    assert len(subset.last_per_expert) == 2 * 4  # one gate_up and one down parameter, 4 experts each
+
+
+def test_trainer_logs_expert_metrics(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from .test_experts import build
+
+    model = get_peft_model(build("qwen3_moe"), GeoRAConfig(r=4))
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 96, (4, 12), generator=gen).tolist()]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    callback = GeoRADiagnosticsCallback(every_n_steps=1, max_layers=None)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    rows = _train_rows(trainer)
+    assert set(rows) == {1, 2}
+    for row in rows.values():
+        assert row["geora/layers"] == 14.0  # 2 layers x (4 attention + gate_up + down + router)
+        for layer_type in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"):
+            for metric in ("s_head", "spectral_shift", "relative_norm"):
+                assert math.isfinite(row[f"geora/{metric}/{layer_type}"]), (layer_type, metric)
+        assert row["geora/relative_norm/mlp.experts.gate_up_proj"] > 0.0  # the experts trained
+    assert len(callback.last_per_expert) == 2 * 2 * 4  # layers x parameters x experts
