@@ -240,21 +240,45 @@ def test_helpers_leave_plain_tensors_alone():
     assert same is weight
 
 
-# ---- ZeRO-3 on mixture-of-experts parameters (tests/distributed/worker_moe.py, tiny Qwen3-MoE, plain Trainer) ----
+# ---- mixture-of-experts parameters under ZeRO-3 and FSDP2 (tests/distributed/worker_moe.py, tiny Qwen3-MoE, plain
+# Trainer with GeoRADiagnosticsCallback) ----
 
 MOE_WORKER = ROOT / "tests" / "distributed" / "worker_moe.py"
 
 
 @pytest.fixture(scope="module")
-def zero3_moe(tmp_path_factory) -> list[dict]:
-    if not deepspeed_available():
-        pytest.skip("deepspeed is not installed (pip install -e '.[test]')")
-    from .test_experts import build
+def moe_launched(tmp_path_factory):
+    """``moe_launched(engine)``: both ranks' results of worker_moe.py, launched once per engine and module."""
+    cache: dict[str, list[dict] | BaseException] = {}
 
-    model_dir = tmp_path_factory.mktemp("tiny_qwen3_moe")
-    build("qwen3_moe").save_pretrained(model_dir)
-    out = tmp_path_factory.mktemp("zero3_moe")
-    return launch("zero3", MOE_WORKER, out, ["--model", str(model_dir)])
+    def get(engine: str) -> list[dict]:
+        if engine == "zero3" and not deepspeed_available():
+            pytest.skip("deepspeed is not installed (pip install -e '.[test]')")
+        if engine not in cache:
+            from .test_experts import build
+
+            try:
+                model_dir = tmp_path_factory.mktemp("tiny_qwen3_moe")
+                build("qwen3_moe").save_pretrained(model_dir)
+                out = tmp_path_factory.mktemp(f"{engine}_moe")
+                cache[engine] = launch(engine, MOE_WORKER, out, ["--engine", engine, "--model", str(model_dir)])
+            except BaseException as exc:
+                cache[engine] = exc
+        if isinstance(cache[engine], BaseException):
+            raise cache[engine]
+        return cache[engine]
+
+    return get
+
+
+@pytest.fixture
+def zero3_moe(moe_launched) -> list[dict]:
+    return moe_launched("zero3")
+
+
+@pytest.fixture(params=["zero3", "fsdp2"])
+def moe_run(request, moe_launched) -> tuple[str, list[dict]]:
+    return request.param, moe_launched(request.param)
 
 
 def test_zero3_moe_experts_partitioned_and_init_equals_single_process(zero3_moe):
@@ -276,12 +300,34 @@ def test_zero3_moe_experts_partitioned_and_init_equals_single_process(zero3_moe)
     assert rank0["init_factor_digests"] == rank1["init_factor_digests"]
 
 
-def test_zero3_moe_training_moves_the_expert_deltas_and_reloads_exactly(zero3_moe):
-    rank0, rank1 = zero3_moe
+def test_moe_training_moves_the_expert_deltas_and_reloads_exactly(moe_run):
+    engine, (rank0, rank1) = moe_run
     assert rank0["full_digests"] == rank1["full_digests"]
-    for result in zero3_moe:
+    for result in (rank0, rank1):
+        if engine == "fsdp2":
+            assert result["facts"]["distributed_type"] == "FSDP" and result["facts"]["fsdp2_module"]
+            assert all(p["kind"] == "dtensor" for p in result["probe_after_train"].values())
+            assert result["init_equal_reference"], result["init_unequal"]
         assert result["base_untouched"] and result["anchors_unchanged"]
         moved = result["expert_deltas_moved"]
         assert len(moved) == 8 and all(moved.values()), moved  # 2 layers x 2 parameters x (dA, dB)
         assert result["reload_tensors"] == 56 and result["reload_expert_tensors"] == 16
         assert result["reload_bitwise"] and result["reload_logits_bitwise"]
+
+
+def test_moe_diagnostics_callback_gathers_on_every_rank(moe_run):
+    """Rank 0 logs, at every step, the callback's numbers of every layer (experts and router included), gathered
+    (ZeRO-3 partitions / FSDP2 shards); at the last step they equal the callback on a plain model of the final
+    state."""
+    engine, (rank0, rank1) = moe_run
+    rows = {row["step"]: row for row in rank0["log_history"] if "loss" in row}
+    assert set(rows) == {1, 2}
+    for row in rows.values():
+        assert row["geora/layers"] == 14.0, engine  # none skipped
+        assert row["geora/relative_norm/mlp.experts.gate_up_proj"] > 0.0
+    assert len(rank0["callback_per_expert"]) == 16 and rank1["callback_per_expert"] == []
+    plain = rank0["callback_plain"]
+    logged = {k: v for k, v in rows[2].items() if k.startswith("geora/") and k != "geora/seconds"}
+    assert logged.keys() == {k for k in plain if k != "geora/seconds"}
+    for key, value in logged.items():
+        assert value == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key

@@ -1,15 +1,18 @@
-"""One rank of a two-process GeoRA run on a tiny Qwen3-MoE under DeepSpeed ZeRO-3 (tests/test_distributed.py).
+"""One rank of a two-process GeoRA run on a tiny Qwen3-MoE under DeepSpeed ZeRO-3 or FSDP2 (tests/test_distributed.py).
 
-Launched with ``accelerate launch --config_file examples/multi_gpu/zero3.yaml`` (tests/distributed/launcher.py, with
-the test-only ZeRO-3 keys). ``GeoRAConfig(r=4)``: "all-linear" on Qwen3-MoE targets the attention projections, both
-expert parameters (``mlp.experts.gate_up_proj`` / ``down_proj``, 3-D, PEFT's ``target_parameters``) and the router.
+Launched with ``accelerate launch --config_file examples/multi_gpu/<engine>.yaml`` (tests/distributed/launcher.py,
+with the test-only ZeRO-3 keys). ``GeoRAConfig(r=4)``: "all-linear" on Qwen3-MoE targets the attention projections,
+both expert parameters (``mlp.experts.gate_up_proj`` / ``down_proj``, 3-D, PEFT's ``target_parameters``) and the
+router.
 
 1. single-process references on the same weights, made before any ZeRO-3 context (initial factors, a base to reload
    onto);
-2. the training arguments, then ``from_pretrained``: the weights (experts included) are partitioned at load;
-   ``get_peft_model`` on every rank (GeoRA gathers each expert parameter, decomposes it, keeps rank 0's factors);
-3. a plain ``Trainer`` on a language-model loss for 2 steps (with ``GeoRADiagnosticsCallback``, which gathers the
-   partitioned layers on every rank);
+2. the training arguments, then ``from_pretrained``: under ZeRO-3 the weights (experts included) are partitioned at
+   load; ``get_peft_model`` on every rank (GeoRA gathers each expert parameter, decomposes it, keeps rank 0's
+   factors); under FSDP2 the Trainer shards the model after GeoRA's initialisation;
+3. a plain ``Trainer`` on a language-model loss for 2 steps, with ``GeoRADiagnosticsCallback`` (every rank gathers
+   the partitioned / sharded layers, rank 0 logs), whose logged numbers are compared with the callback run on a
+   plain single-process model holding the gathered final state;
 4. the gathered model after training, the adapter saved by ``trainer.save_model`` (rank 0) and reloaded on a plain
    single-process model.
 
@@ -77,8 +80,8 @@ def expert_probes(model: torch.nn.Module) -> dict[str, Any]:
     return {name: shard_facts(getattr(experts, name)) for name in ("gate_up_proj", "down_proj")}
 
 
-def run(model_dir: str, out_dir: Path) -> dict[str, Any]:
-    result: dict[str, Any] = {"import_s": time.perf_counter() - START}
+def run(engine: str, model_dir: str, out_dir: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {"engine": engine, "import_s": time.perf_counter() - START}
     # 1. references, before any ZeRO-3 context exists
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -117,7 +120,7 @@ def run(model_dir: str, out_dir: Path) -> dict[str, Any]:
     result["facts"] = engine_facts(trainer)
     result["probe_after_train"] = expert_probes(peft_model.base_model.model)
     result["log_history"] = trainer.state.log_history
-    result["callback_per_layer"] = sorted(callback.last_per_layer) if dist.get_rank() == 0 else None
+    result["callback_per_expert"] = sorted(callback.last_per_expert)  # empty on rank 1 (it only gathers)
 
     # 4. gathered, saved, reloaded
     full = full_state_dict(trainer.model)
@@ -142,6 +145,8 @@ def run(model_dir: str, out_dir: Path) -> dict[str, Any]:
     with peft_geora.base_check("off"):
         plain.load_state_dict(full, strict=True)
     result["reload_logits_bitwise"] = torch.equal(logits(reloaded), logits(plain))
+    # the callback on the plain model holding the final state: what rank 0 logged at the last step
+    result["callback_plain"] = GeoRADiagnosticsCallback(max_layers=None).compute(plain)
     result["total_s"] = time.perf_counter() - START
     return result
 
@@ -158,10 +163,11 @@ def _peft_base_key(base_key: str, state: dict[str, torch.Tensor]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", choices=("zero3", "fsdp2"), default="zero3")
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     opts = parser.parse_args()
-    write_result(Path(opts.out), lambda: run(opts.model, Path(opts.out)))
+    write_result(Path(opts.out), lambda: run(opts.engine, opts.model, Path(opts.out)))
 
 
 if __name__ == "__main__":
