@@ -178,7 +178,7 @@ def test_grpo_trains_the_experts_with_an_exact_kl_reference():
     assert any(not torch.equal(after[n], t) for n, t in before.items())
 
 
-def test_inspect_says_it_skips_the_stacked_experts(tmp_path, capsys):
+def test_inspect_analyses_the_stacked_experts(tmp_path, capsys):
     from peft_geora.cli import main
 
     build("qwen3_moe").save_pretrained(tmp_path / "base")
@@ -187,4 +187,5 @@ def test_inspect_says_it_skips_the_stacked_experts(tmp_path, capsys):
     peft_model.save_pretrained(tmp_path / "adapter")
     assert main(["inspect", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")]) == 0
     out = capsys.readouterr().out
-    assert "skipped 4 modules of stacked experts" in out and "model.layers.0.mlp.gate " in out
+    assert "4 parameters of stacked experts analysed expert by expert" in out and "model.layers.0.mlp.gate " in out
+    assert "model.layers.0.mlp.experts.gate_up_proj[3] " in out  # per expert: tests/test_inspect_cli.py

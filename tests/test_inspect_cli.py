@@ -183,3 +183,107 @@ def test_png_without_matplotlib_says_what_to_install_before_any_work(geora_adapt
     args = ["inspect", str(adapter_dir), "--base", str(base_dir), "--png", str(tmp_path / "x.png")]
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'peft-geora\[demo\]'"):
         main(args)
+
+
+# ---- stacked mixture-of-experts parameters: analysed expert by expert ----
+
+
+def _train_a_little(model: torch.nn.Module, steps: int = 3) -> None:
+    """A few AdamW steps on a language-model loss (every expert sees tokens with top-2 routing of 4 experts)."""
+    from .conftest import tiny_inputs
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for step in range(steps):
+        ids = tiny_inputs(batch=4, seq=16, seed=step)["input_ids"]
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def _per_expert_expected(model, top_k: int = 16) -> dict[str, dict[str, float]]:
+    """update_diagnostics on each expert's W_e, dW_e (out x in), from the in-memory PeftModel, by hand."""
+    from .test_experts import wrappers
+
+    out = {}
+    for key, wrapper in wrappers(model).items():
+        if wrapper.num_experts == 1:
+            continue
+        with torch.no_grad():
+            weight, delta = wrapper.get_param().detach(), wrapper.get_delta_weight("default").detach()
+        if not wrapper._did_swap_in_out_features:  # gpt-oss: stored (E, in, out)
+            weight, delta = weight.transpose(1, 2), delta.transpose(1, 2)
+        for e in range(weight.shape[0]):
+            out[f"{key}[{e}]"] = update_diagnostics(weight[e], delta[e], top_k)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "mixtral"])
+def test_stacked_experts_are_analysed_per_expert(arch, tmp_path, capsys, monkeypatch):
+    import peft_geora.inspect_adapter as inspect_module
+
+    from .test_experts import build, geora_config, perturb, wrappers
+
+    build(arch).save_pretrained(tmp_path / "base")  # Qwen3-MoE / Mixtral: saved per expert, gpt-oss: stacked
+    model = get_peft_model(build(arch), geora_config(arch))
+    if arch == "mixtral":
+        perturb(model)
+    else:
+        _train_a_little(model)
+    model.save_pretrained(tmp_path / "adapter")
+    expected = _per_expert_expected(model)
+    assert len(expected) == 2 * 2 * 4  # layers x (gate_up, down) x experts
+    rows, notes = inspect_adapter(tmp_path / "adapter", base=tmp_path / "base")
+    by_module = {row["module"]: row for row in rows}
+    for module, stats in expected.items():
+        row = by_module[module]
+        assert row["kind"] == "geora" and row["expert"] == int(module[-2])
+        for key in ("s_head", "spectral_shift", "principal_angle", "relative_norm", "delta_norm"):
+            assert row[key] == pytest.approx(stats[key], rel=1e-4, abs=1e-6), (module, key)
+    for parameter in {m.rsplit("[", 1)[0] for m in expected}:  # the parameter's row: the mean over its experts
+        members = [by_module[f"{parameter}[{e}]"] for e in range(4)]
+        assert by_module[parameter]["experts"] == 4 and len(by_module[parameter]["shape"]) == 3
+        for key in ("s_head", "spectral_shift", "relative_norm"):
+            assert by_module[parameter][key] == pytest.approx(sum(m[key] for m in members) / 4, rel=1e-9)
+    # the attention projections are read as before
+    for name, module in model.named_modules():
+        if name.endswith("self_attn.q_proj"):
+            with torch.no_grad():
+                stats = update_diagnostics(module.get_base_layer().weight, module.get_delta_weight("default"), 16)
+            row = by_module[name.removeprefix("base_model.model.")]
+            assert row["s_head"] == pytest.approx(stats["s_head"], rel=1e-4, abs=1e-7)
+    assert any("expert by expert" in note for note in notes)
+    if arch != "gpt_oss":  # the router, a 2-D parameter (Mixtral's is saved as block_sparse_moe.gate.weight)
+        router = wrappers(model)["model.layers.1.mlp.gate.weight"]
+        with torch.no_grad():
+            stats = update_diagnostics(router.get_param(), router.get_delta_weight("default"), 16)
+        for key in ("s_head", "spectral_shift", "delta_norm"):
+            assert by_module["model.layers.1.mlp.gate"][key] == pytest.approx(stats[key], rel=1e-4, abs=1e-7)
+
+    # the printed table shows at most EXPERTS_SHOWN experts per parameter and says so; --json holds all of them
+    monkeypatch.setattr(inspect_module, "EXPERTS_SHOWN", 2)
+    js = tmp_path / "rows.json"
+    assert main(["inspect", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    table = _table(out)
+    gate_up = "model.layers.0.mlp.experts.gate_up_proj"
+    assert gate_up in table and f"{gate_up}[1]" in table and f"{gate_up}[2]" not in table
+    assert "at most 2 experts per parameter" in out and "mean mlp.experts.gate_up_proj" in out
+    assert {row["module"] for row in json.loads(js.read_text())} == set(by_module)
+
+
+def test_square_experts_orientation_comes_from_the_model_type():
+    from peft_geora.inspect_adapter import experts_as_out_in
+
+    stored = torch.randn(3, 5, 5)
+    same, note = experts_as_out_in(stored, 5, 5, "qwen3_moe", "p")
+    assert same is stored and "(E, out, in)" in note
+    flipped, note = experts_as_out_in(stored, 5, 5, "gpt_oss", "p")
+    assert torch.equal(flipped, stored.transpose(1, 2)) and "(E, in, out)" in note
+    rect = torch.randn(3, 4, 6)
+    assert experts_as_out_in(rect, 6, 4, None, "p")[0].shape == (3, 6, 4)  # stored (E, in, out)
+    assert experts_as_out_in(rect, 4, 6, None, "p")[0] is rect
+    with pytest.raises(ValueError, match="does not fit"):
+        experts_as_out_in(rect, 5, 6, None, "p")
