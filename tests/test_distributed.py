@@ -24,7 +24,7 @@ from peft_geora import GeoRAConfig
 from peft_geora.distributed import broadcast_from_rank0, full_shape, gathered
 
 from .conftest import make_tiny_model
-from .distributed.launcher import ROOT, deepspeed_available, launch, save_tiny_model
+from .distributed.launcher import ROOT, launch, once_per_engine, save_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -44,22 +44,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def launched(tiny_model_dir, tmp_path_factory):
     """``launched(engine)``: that engine's two results, launched once per module (a failure is kept, not rerun)."""
-    cache: dict[str, list[dict] | BaseException] = {}
 
-    def get(engine: str) -> list[dict]:
-        if engine == "zero3" and not deepspeed_available():
-            pytest.skip("deepspeed is not installed (pip install -e '.[test]')")
-        if engine not in cache:
-            try:
-                out = tmp_path_factory.mktemp(engine)
-                cache[engine] = launch(engine, WORKER, out, ["--engine", engine, "--model", str(tiny_model_dir)])
-            except BaseException as exc:
-                cache[engine] = exc
-        if isinstance(cache[engine], BaseException):
-            raise cache[engine]
-        return cache[engine]
+    def run(engine: str) -> list[dict]:
+        out = tmp_path_factory.mktemp(engine)
+        return launch(engine, WORKER, out, ["--engine", engine, "--model", str(tiny_model_dir)])
 
-    return get
+    return once_per_engine(run)
 
 
 @pytest.fixture(params=ENGINES)
@@ -249,26 +239,16 @@ MOE_WORKER = ROOT / "tests" / "distributed" / "worker_moe.py"
 @pytest.fixture(scope="module")
 def moe_launched(tmp_path_factory):
     """``moe_launched(engine)``: both ranks' results of worker_moe.py, launched once per engine and module."""
-    cache: dict[str, list[dict] | BaseException] = {}
 
-    def get(engine: str) -> list[dict]:
-        if engine == "zero3" and not deepspeed_available():
-            pytest.skip("deepspeed is not installed (pip install -e '.[test]')")
-        if engine not in cache:
-            from .test_experts import build
+    def run(engine: str) -> list[dict]:
+        from .test_experts import build
 
-            try:
-                model_dir = tmp_path_factory.mktemp("tiny_qwen3_moe")
-                build("qwen3_moe").save_pretrained(model_dir)
-                out = tmp_path_factory.mktemp(f"{engine}_moe")
-                cache[engine] = launch(engine, MOE_WORKER, out, ["--engine", engine, "--model", str(model_dir)])
-            except BaseException as exc:
-                cache[engine] = exc
-        if isinstance(cache[engine], BaseException):
-            raise cache[engine]
-        return cache[engine]
+        model_dir = tmp_path_factory.mktemp("tiny_qwen3_moe")
+        build("qwen3_moe").save_pretrained(model_dir)
+        out = tmp_path_factory.mktemp(f"{engine}_moe")
+        return launch(engine, MOE_WORKER, out, ["--engine", engine, "--model", str(model_dir)])
 
-    return get
+    return once_per_engine(run)
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from .distributed.launcher import ROOT, deepspeed_available, launch, save_tiny_model, zero3_test_config
+from .distributed.launcher import ROOT, launch, once_per_engine, save_tiny_model, zero3_test_config
 
 pytestmark = pytest.mark.slow
 
@@ -61,24 +61,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def launched(tiny_model_dir, tmp_path_factory):
     """``launched(engine)``: both ranks' results of the bf16 run, launched once per module (a failure is kept)."""
-    cache: dict[str, list[dict] | BaseException] = {}
 
-    def get(engine: str) -> list[dict]:
-        if engine == "zero3" and not deepspeed_available():
-            pytest.skip("deepspeed is not installed (pip install -e '.[test]')")
-        if engine not in cache:
-            try:
-                out = tmp_path_factory.mktemp(f"{engine}_bf16")
-                config = zero3_test_config(out, bf16={"enabled": True}) if engine == "zero3" else None
-                args = ["--task", "precision", "--engine", engine, "--model", str(tiny_model_dir)]
-                cache[engine] = launch(engine, WORKER, out, args, deepspeed_config=config)
-            except BaseException as exc:
-                cache[engine] = exc
-        if isinstance(cache[engine], BaseException):
-            raise cache[engine]
-        return cache[engine]
+    def run(engine: str) -> list[dict]:
+        out = tmp_path_factory.mktemp(f"{engine}_bf16")
+        config = zero3_test_config(out, bf16={"enabled": True}) if engine == "zero3" else None
+        args = ["--task", "precision", "--engine", engine, "--model", str(tiny_model_dir)]
+        return launch(engine, WORKER, out, args, deepspeed_config=config)
 
-    return get
+    return once_per_engine(run)
 
 
 @pytest.fixture(params=ENGINES)

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +95,23 @@ def deepspeed_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("deepspeed") is not None
+
+
+def once_per_engine(run: Callable[[str], list[dict]]) -> Callable[[str], list[dict]]:
+    """``get(engine)``: ``run(engine)``'s results (both ranks), launched once and cached, a failure included (it is
+    raised again, not rerun); skips ZeRO-3 where DeepSpeed is not installed. For module-scoped fixtures."""
+    cache: dict[str, list[dict] | BaseException] = {}
+
+    def get(engine: str) -> list[dict]:
+        if engine == "zero3" and not deepspeed_available():
+            pytest.skip("deepspeed is not installed (pip install -e '.[test]')")
+        if engine not in cache:
+            try:
+                cache[engine] = run(engine)
+            except BaseException as exc:  # noqa: BLE001  (kept and raised for every test that asks)
+                cache[engine] = exc
+        if isinstance(cache[engine], BaseException):
+            raise cache[engine]
+        return cache[engine]
+
+    return get
