@@ -171,8 +171,9 @@ class GeoRALayer:
         plain_a, plain_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
         a, b = plain_a.weight.detach().float(), plain_b.weight.detach().float()
         trainable = plain_a.weight.requires_grad
-        self.lora_A[adapter_name] = AnchoredA(a.clone(), torch.zeros_like(a))
-        self.lora_B[adapter_name] = AnchoredB(torch.zeros_like(b), b.clone())
+        experts = self._geora_experts
+        self.lora_A[adapter_name] = AnchoredA(a.clone(), torch.zeros_like(a), experts=experts)
+        self.lora_B[adapter_name] = AnchoredB(torch.zeros_like(b), b.clone(), experts=experts)
         for module in (self.lora_A[adapter_name], self.lora_B[adapter_name]):
             module.delta.requires_grad_(trainable)
         self.geora_settings[adapter_name] = (("combined", adapter_name),)  # never reused as a decomposition

@@ -189,3 +189,12 @@ def test_inspect_analyses_the_stacked_experts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4 parameters of stacked experts analysed expert by expert" in out and "model.layers.0.mlp.gate " in out
     assert "model.layers.0.mlp.experts.gate_up_proj[3] " in out  # per expert: tests/test_inspect_cli.py
+
+
+def test_combining_adapters_on_the_experts_is_refused_as_for_lora():
+    """PEFT's add_weighted_adapter refuses adapters on parameters (LoRA's too), before anything is changed."""
+    peft_model = get_peft_model(build("qwen3_moe"), geora_config("qwen3_moe"), "a")
+    peft_model.add_adapter("b", geora_config("qwen3_moe", rho=0.3))
+    with pytest.raises(ValueError, match="does not support targeting nn.Parameter"):
+        peft_model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab", combination_type="cat")
+    assert set(peft_model.peft_config) == {"a", "b"} and peft_model.peft_config["a"].r == 4
