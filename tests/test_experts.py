@@ -165,11 +165,12 @@ def test_a_second_adapter_on_the_experts(tmp_path):
     assert torch.equal(logits(peft_model, inputs), first)
 
 
-def test_grpo_trains_the_experts_with_an_exact_kl_reference():
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_grpo_trains_the_experts_with_an_exact_kl_reference(arch):
     from .grpo_utils import make_grpo_trainer
     from .test_trl import kl_per_step
 
-    trainer = make_grpo_trainer(build("qwen3_moe"), peft_config=GeoRAConfig(r=4), beta=0.1, max_steps=2)
+    trainer = make_grpo_trainer(build(arch), peft_config=geora_config(arch), beta=0.1, max_steps=2)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "experts" in n and "delta" in n}
     assert before
     trainer.train()
