@@ -131,7 +131,7 @@ class GeoRALayer:
         for attr in ("geora_settings", "geora_reports", "geora_expected_fingerprint"):
             if attr not in self.__dict__:
                 setattr(self, attr, {})
-        if _PLAIN_LORA_MODULES.get():  # filled by the caller, then anchored (see combined_adapter)
+        if _PLAIN_LORA_MODULES.get():  # filled by the caller, then anchored (see anchor_combined_adapter)
             return
         self._install_anchors(adapter_name, config, target_name)
 
