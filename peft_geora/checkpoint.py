@@ -45,8 +45,10 @@ def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     """A format-2 copy of a GeoRA state dict: each format-1 ``<m>.lora_<S>.factor`` becomes ``<m>.lora_<S>.delta``
     = ``factor - anchor`` (in the factor's dtype, in place of the factor key); other keys are kept as they are.
 
-    The subtraction is exact wherever the update is small against the factor (Sterbenz), so a format-1 adapter
-    computes bit for bit what it computed before. A state dict without ``factor`` keys is returned unchanged.
+    The subtraction is exact wherever the factor is within 2x of its anchor (Sterbenz); there the format-1 adapter
+    computes bit for bit what it computed before, elsewhere (an anchor entry small against its update) the factor
+    ``B0 + dB`` it now uses can differ from the stored ``B`` by one float32 rounding step. A state dict without
+    ``factor`` keys is returned unchanged.
     """
     if not any(key.endswith(".factor") for key in state_dict):
         return state_dict

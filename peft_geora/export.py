@@ -28,7 +28,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from .anchor import effective_weight
-from .checkpoint import PEFT_PREFIX, geora_tensors_by_module, read_tensors, weights_file
+from .checkpoint import PEFT_PREFIX, WEIGHTS_NAME, geora_tensors_by_module, read_tensors, weights_file
 from .config import lora_scaling, pattern_value
 from .functional import truncate_product
 from .hub import write_model_card
@@ -36,7 +36,6 @@ from .hub import write_model_card
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "geora_export.json"
 _LORA_FIELDS = frozenset(LoraConfig.__dataclass_fields__) - {"runtime_config"}
 

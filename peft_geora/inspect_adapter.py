@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .checkpoint import GEORA_PARTS, PEFT_PREFIX, geora_tensors_by_module, read_tensors, split_key, weights_file
+from .checkpoint import PEFT_PREFIX, geora_tensors_by_module, read_tensors, split_key, weights_file
 from .config import lora_scaling, pattern_value
 from .diagnostics import DEFAULT_TOP_K, EXACT_LIMIT, mean_rows, update_diagnostics
 from .report import layer_type
@@ -62,16 +62,10 @@ def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, dic
 def module_delta(
     config: dict[str, Any], module_key: str, tensors: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, int]:
-    """``(dW, r)`` of one module, ``dW`` (out x in) with PEFT's scaling (rank/alpha patterns, rsLoRA)."""
-    geora = "A_delta" in tensors
-    rank = tensors["A_delta" if geora else "A_weight"].shape[0]
-    r = pattern_value(config.get("rank_pattern") or {}, module_key, config.get("r") or rank)
-    alpha = pattern_value(config.get("alpha_pattern") or {}, module_key, config.get("lora_alpha") or r)
-    scaling = lora_scaling(r, alpha, bool(config.get("use_rslora")))
-    if geora:
-        da, a0, db, b0 = (tensors[k] for k in GEORA_PARTS)
-        return ((b0 + db) @ da + db @ a0) * scaling, rank
-    return tensors["B_weight"] @ tensors["A_weight"] * scaling, rank
+    """``(dW, r)`` of one module, ``dW`` (out x in) with PEFT's scaling (rank/alpha patterns, rsLoRA): a single
+    "expert" of :func:`expert_delta`."""
+    delta, rank = expert_delta(config, module_key, tensors, 1)
+    return delta[0], rank
 
 
 def expert_delta(
