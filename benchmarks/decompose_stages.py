@@ -7,7 +7,7 @@ on ``--device``, each timing the median of ``--repeats`` synchronised runs after
   GeoRA needs two), the truncated SVD of ``W`` and of ``W_geo``; for comparison ``torch.kthvalue`` on all entries, a
   sort of all entries and ``torch.svd_lowrank(W, q=r, niter=4)``, the SVD of PEFT's ``pissa_niter_4``;
 * the Krylov solver on ``W_geo`` for each ``--blocks`` size (``svd_oversample = block - krylov_block(r)``) and each
-  spacing of its convergence checks (``--check-growths``, :data:`peft_geora.functional.CHECK_GROWTH`): time and
+  spacing of its convergence checks (``--check-growths``, :data:`peft_geora.functional.svd.CHECK_GROWTH`): time and
   captured energy against the exact top-r energy (float64 Gram eigensolve);
 * the building blocks of one Krylov step: the two products with one block, and the dense symmetric eigensolves of
   the projected problem (CPU and device) at the sizes the solver reaches.
@@ -35,9 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from init_speed import common_arguments, format_table, machine_info  # noqa: E402
 
-import peft_geora.functional as functional  # noqa: E402
+import peft_geora.functional.svd as functional  # noqa: E402  (CHECK_GROWTH is the solver's)
 from peft_geora.functional import (  # noqa: E402
-    _prior_indicators,
     geora_decompose,
     krylov_block,
     krylov_svd,
@@ -45,6 +44,7 @@ from peft_geora.functional import (  # noqa: E402
     quantile_rank,
     truncated_svd,
 )
+from peft_geora.functional.decomposition import _prior_indicators  # noqa: E402
 
 QWEN7B_SHAPES = {
     "q_proj": (3584, 3584),
@@ -65,7 +65,7 @@ def layer_matrices(args: argparse.Namespace) -> dict[str, torch.Tensor]:
             name: (torch.randn(*shape, generator=gen) * 0.02).bfloat16().float().to(args.device)
             for name, shape in QWEN7B_SHAPES.items()
         }
-    from peft_geora.default_model import load_default_model
+    from peft_geora_apps.default_model import load_default_model
 
     model, _ = load_default_model(args.model)
     layer = model.model.layers[args.layer]

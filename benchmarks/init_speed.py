@@ -82,7 +82,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
         with torch.device(args.device):  # initialised where it runs (a CPU init of 7B-wide layers takes ~40 s)
             model = AutoModelForCausalLM.from_config(qwen7b_config(args.layers or 2), dtype=torch.bfloat16)
         return model.eval()
-    from peft_geora.default_model import load_default_model
+    from peft_geora_apps.default_model import load_default_model
 
     model, _ = load_default_model(args.model, device=args.device)
     if args.layers:
@@ -126,7 +126,7 @@ class DecomposeTimer:
         self.device, self.seconds = device, 0.0
 
     def __enter__(self) -> DecomposeTimer:
-        import peft_geora.layer as layer
+        import peft_geora.tuner.layer as layer
 
         self._layer, self._original = layer, layer.geora_decompose
 

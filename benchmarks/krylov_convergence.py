@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decompose_stages import QWEN7B_SHAPES, exact_energy, layer_matrices, timed  # noqa: E402
 from init_speed import common_arguments, format_table, machine_info  # noqa: E402
 
-from peft_geora.functional import GRAM_LIMIT, _prior_indicators, krylov_block, krylov_svd  # noqa: E402
+from peft_geora.functional import GRAM_LIMIT, krylov_block, krylov_svd  # noqa: E402
+from peft_geora.functional.decomposition import _prior_indicators  # noqa: E402
 
 PISSA_NITER = 4
 

@@ -31,8 +31,8 @@ from init_speed import format_table, machine_info  # noqa: E402
 
 import peft_geora  # noqa: E402,F401  (registers GeoRA with PEFT)
 from peft_geora import GeoRAConfig  # noqa: E402
-from peft_geora.experts import GeoRAParamWrapper  # noqa: E402
 from peft_geora.functional import geora_decompose  # noqa: E402
+from peft_geora.tuner.experts import GeoRAParamWrapper  # noqa: E402
 
 SHAPES = {  # hidden, moe_intermediate, experts
     "qwen3-30b-a3b": (2048, 768, 128),

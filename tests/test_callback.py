@@ -11,8 +11,8 @@ from peft.utils.other import transpose
 from transformers import TrainerCallback
 
 from peft_geora import GeoRAConfig
-from peft_geora.callback import GeoRADiagnosticsCallback, adapted_layers, stratified_subset
 from peft_geora.diagnostics import update_diagnostics
+from peft_geora.diagnostics.callback import GeoRADiagnosticsCallback, adapted_layers, stratified_subset
 
 from .conftest import make_tiny_model
 from .grpo_utils import make_grpo_trainer, one_torch_thread

@@ -60,7 +60,7 @@ def test_import_twice_is_harmless():
         "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\n"
         "member = PeftType.GEORA\n"
         "import peft_geora\n"
-        "for name in ('peft_geora.registry', 'peft_geora'):\n"
+        "for name in ('peft_geora.tuner.registry', 'peft_geora'):\n"
         "    importlib.reload(sys.modules[name])\n"
         "assert PeftType.GEORA is member and list(PeftType).count(member) == 1\n"
         "assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is sys.modules['peft_geora'].GeoRAConfig\n"
@@ -77,7 +77,7 @@ def test_import_after_peft_already_knows_geora():
     code = (
         "from peft.utils import PeftType\n"
         "import peft.utils.peft_types as pt\n"
-        "from peft_geora.registry import geora_peft_type\n"
+        "from peft_geora.tuner.registry import geora_peft_type\n"
         "member = geora_peft_type()\n"  # as if PEFT itself defined GEORA already
         "import peft_geora\n"
         "from peft import get_peft_model\n"

@@ -21,7 +21,7 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from peft_geora import GeoRAConfig
-from peft_geora.distributed import broadcast_from_rank0, full_shape, gathered
+from peft_geora.tuner.distributed import broadcast_from_rank0, full_shape, gathered
 
 from .conftest import make_tiny_model
 from .distributed.launcher import ROOT, launch, once_per_engine, save_tiny_model

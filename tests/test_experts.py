@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen
 
 import peft_geora
 from peft_geora import GeoRAConfig, base_check
-from peft_geora.experts import GeoRAParamWrapper
 from peft_geora.functional import geora_decompose, geora_decompose_experts
+from peft_geora.tuner.experts import GeoRAParamWrapper
 
 from .conftest import tiny_inputs
 
@@ -138,9 +138,9 @@ def test_the_update_merge_disable_reload_and_lora_export(arch, tmp_path, monkeyp
     torch.testing.assert_close(logits(peft_model, inputs), trained, rtol=1e-5, atol=1e-6)
 
     peft_model.save_pretrained(tmp_path / "geora")
-    import peft_geora.functional as functional
+    import peft_geora.tuner.experts as experts_module
 
-    monkeypatch.setattr(functional, "geora_decompose_experts", pytest.fail)  # loading decomposes nothing
+    monkeypatch.setattr(experts_module, "geora_decompose_experts", pytest.fail)  # loading decomposes nothing
     with base_check("raise"):
         reloaded = PeftModel.from_pretrained(build(arch), tmp_path / "geora")
     assert torch.equal(logits(reloaded, inputs), trained)
@@ -180,7 +180,7 @@ def test_grpo_trains_the_experts_with_an_exact_kl_reference(arch):
 
 
 def test_inspect_analyses_the_stacked_experts(tmp_path, capsys):
-    from peft_geora.cli import main
+    from peft_geora_apps.cli import main
 
     build("qwen3_moe").save_pretrained(tmp_path / "base")
     peft_model = get_peft_model(build("qwen3_moe"), geora_config("qwen3_moe"))

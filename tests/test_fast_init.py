@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import peft_geora.functional as F
+import peft_geora.functional.selection as selection
+import peft_geora.functional.svd as svd
 from peft_geora.functional import (
     geora_decompose,
     geora_masks,
@@ -99,9 +101,9 @@ def test_krylov_budget_knobs(monkeypatch):
     assert u.shape == (500, 16) and vh.shape == (16, 300) and torch.isfinite(s).all()
     # ``block`` overrides krylov_block: the Krylov space has (niter + 1) blocks of that many vectors
     sizes = []
-    real_eigh = F._small_eigh
+    real_eigh = svd._small_eigh
     monkeypatch.setattr(
-        F, "_small_eigh", lambda matrix, vectors: sizes.append(len(matrix)) or real_eigh(matrix, vectors)
+        svd, "_small_eigh", lambda matrix, vectors: sizes.append(len(matrix)) or real_eigh(matrix, vectors)
     )
     for block in (1, 4, None):
         krylov_svd(masked, 16, block=block, niter=20, tol=0.0)
@@ -117,16 +119,16 @@ def test_spaced_checks_of_the_gpu_path_keep_the_quality(monkeypatch):
     w = torch.randn(640, 320, generator=torch.Generator().manual_seed(3))
     masked = w * (w.abs() <= magnitude_threshold(w, 0.35))
     checks = []
-    real_eigh = F._small_eigh
+    real_eigh = svd._small_eigh
 
     def counting(matrix, vectors):
         checks.append((matrix.shape[0], vectors))
         return real_eigh(matrix, vectors)
 
-    monkeypatch.setattr(F, "_small_eigh", counting)
+    monkeypatch.setattr(svd, "_small_eigh", counting)
     every = krylov_svd(masked, 16)
     every_checks, checks[:] = len(checks), []
-    monkeypatch.setitem(F.CHECK_GROWTH, "cpu", 1.25)
+    monkeypatch.setitem(svd.CHECK_GROWTH, "cpu", 1.25)
     spaced = krylov_svd(masked, 16)
     sizes = [n for n, vectors in checks if not vectors]
     assert len(checks) < every_checks
@@ -141,7 +143,7 @@ def test_a_partly_invariant_krylov_space_hands_over_to_lapack(monkeypatch, growt
 
     Rank 12 with blocks of 8 used to stop at a 16-vector space holding only part of the range (10% error).
     """
-    monkeypatch.setitem(F.CHECK_GROWTH, "cpu", growth)
+    monkeypatch.setitem(svd.CHECK_GROWTH, "cpu", growth)
     gen = torch.Generator().manual_seed(5)
     low = torch.randn(500, rank, generator=gen) @ torch.randn(rank, 400, generator=gen)
     u, s, vh = krylov_svd(low, 8)
@@ -195,7 +197,7 @@ def test_kth_smallest_matches_sort_above_one_million_entries_with_ties():
     x[5, :] = -0.0
     x[7, :] = 0.0
     n = x.numel()
-    assert n > F._DIRECT_SELECT_LIMIT
+    assert n > selection._DIRECT_SELECT_LIMIT
     for k in (1, 2, 1000, quantile_rank(0.2, n), n // 2, quantile_rank(0.8, n), n - 1, n):
         assert kth_smallest(x, k).item() == sorted_kth(x, k).item(), k
 
@@ -225,7 +227,7 @@ def test_masks_equal_a_sort_based_reference_on_a_large_matrix():
 
 def test_kth_smallest_exact_when_the_bracket_misses(monkeypatch):
     """A zero-width bracket almost always misses: the fallback must still be exact."""
-    monkeypatch.setattr(F, "_SELECT_SIGMAS", 0.0)
+    monkeypatch.setattr(selection, "_SELECT_SIGMAS", 0.0)
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(300_000, generator=gen)
     for k in (17, 60_000, 150_001, 299_990):
@@ -235,7 +237,7 @@ def test_kth_smallest_exact_when_the_bracket_misses(monkeypatch):
 
 def test_sort_based_selection_of_the_gpu_path_is_exact(monkeypatch):
     """The GPU reads order statistics off a sort (``SORT_SELECT_DEVICES``); run here on the CPU, it must agree."""
-    monkeypatch.setattr(F, "SORT_SELECT_DEVICES", ("cpu",))
+    monkeypatch.setattr(selection, "SORT_SELECT_DEVICES", ("cpu",))
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(1200, 1000, generator=gen).abs()
     x[::3, ::5] = 0.25  # ties
@@ -270,7 +272,7 @@ def test_kth_smallest_other_dtypes(dtype):
 
 def test_kth_smallest_in_chunks_is_exact_and_leaves_the_input_alone(monkeypatch):
     """The bracketing passes run in chunks (bounded scratch); several chunks must give the same exact answer."""
-    monkeypatch.setattr(F, "_SELECT_CHUNK", 50_000)
+    monkeypatch.setattr(selection, "_SELECT_CHUNK", 50_000)
     x = torch.rand(500, 400, generator=torch.Generator().manual_seed(7))
     x[::7] = 0.5  # ties
     before = x.clone()
@@ -284,7 +286,7 @@ def test_kth_smallest_in_chunks_is_exact_and_leaves_the_input_alone(monkeypatch)
 def test_masks_and_w_geo_do_not_depend_on_the_chunking(monkeypatch):
     w = trained_like((640, 288), seed=12)
     whole = {p: geora_decompose(w, 16, priors=p) for p in ("union", "spectral", "euclidean")}
-    monkeypatch.setattr(F, "_SELECT_CHUNK", 10_000)
+    monkeypatch.setattr(selection, "_SELECT_CHUNK", 10_000)
     for priors, expected in whole.items():
         chunked = geora_decompose(w, 16, priors=priors)
         assert torch.equal(chunked.masks.spectral, expected.masks.spectral)

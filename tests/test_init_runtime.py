@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft import get_peft_model
 
-import peft_geora.init_runtime as init_runtime
+import peft_geora.tuner.init_runtime as init_runtime
 from peft_geora import GeoRAConfig
-from peft_geora.layer import GeoRALayer
+from peft_geora.tuner.layer import GeoRALayer
 
 from .conftest import make_tiny_model
 
@@ -104,7 +104,7 @@ def test_cuda_init_device_without_cuda_names_the_module_and_rolls_back():
 
 
 def test_auto_picks_the_gpu_for_a_cpu_weight_when_there_is_one(monkeypatch):
-    from peft_geora.init_runtime import resolve_init_device
+    from peft_geora.tuner.init_runtime import resolve_init_device
 
     cpu_weight, meta_weight = torch.zeros(2, 2), torch.zeros(2, 2, device="meta")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -15,9 +15,9 @@ from peft.utils.other import transpose
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from peft_geora import GeoRAConfig
-from peft_geora.cli import main
 from peft_geora.diagnostics import s_head, update_diagnostics
-from peft_geora.inspect_adapter import inspect_adapter
+from peft_geora_apps.cli import main
+from peft_geora_apps.inspect_adapter import inspect_adapter
 
 from .conftest import make_tiny_model
 from .grpo_utils import one_torch_thread
@@ -143,7 +143,7 @@ def _other_base(tmp_path):
 def test_subprocess_cli(geora_adapter, tmp_path):
     model, base_dir, adapter_dir = geora_adapter
     png = tmp_path / "sub.png"
-    command = [sys.executable, "-m", "peft_geora.cli", "inspect", str(adapter_dir), "--base", str(base_dir)]
+    command = [sys.executable, "-m", "peft_geora_apps.cli", "inspect", str(adapter_dir), "--base", str(base_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # see one_torch_thread
     result = subprocess.run(command + ["--png", str(png)], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
@@ -172,7 +172,7 @@ def test_s_head_column_changes_with_top_k(geora_adapter):
 def test_png_without_matplotlib_says_what_to_install_before_any_work(geora_adapter, tmp_path, monkeypatch):
     import importlib.util
 
-    import peft_geora.inspect_adapter as inspect_adapter
+    import peft_geora_apps.inspect_adapter as inspect_adapter
 
     _, base_dir, adapter_dir = geora_adapter
     real_find_spec = importlib.util.find_spec
@@ -222,7 +222,7 @@ def _per_expert_expected(model, top_k: int = 16) -> dict[str, dict[str, float]]:
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "mixtral"])
 def test_stacked_experts_are_analysed_per_expert(arch, tmp_path, capsys, monkeypatch):
-    import peft_geora.inspect_adapter as inspect_module
+    import peft_geora_apps.inspect_adapter as inspect_module
 
     from .test_experts import build, geora_config, perturb, wrappers
 
@@ -275,7 +275,7 @@ def test_stacked_experts_are_analysed_per_expert(arch, tmp_path, capsys, monkeyp
 
 
 def test_square_experts_orientation_comes_from_the_model_type():
-    from peft_geora.inspect_adapter import experts_as_out_in
+    from peft_geora_apps.inspect_adapter import experts_as_out_in
 
     stored = torch.randn(3, 5, 5)
     same, note = experts_as_out_in(stored, 5, 5, "qwen3_moe", "p")

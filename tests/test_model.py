@@ -170,7 +170,7 @@ def test_conv1d_target_gpt2():
 
 
 def test_init_weights_false_gives_a_non_identity_adapter_without_svd(monkeypatch):
-    import peft_geora.layer as layer_module
+    import peft_geora.tuner.layer as layer_module
 
     def boom(*args, **kwargs):
         raise AssertionError("no decomposition with init_weights=False")
@@ -197,7 +197,7 @@ def test_rank_and_alpha_patterns():
 
 
 def test_second_adapter_reuses_the_decomposition(monkeypatch):
-    import peft_geora.layer as layer_module
+    import peft_geora.tuner.layer as layer_module
 
     model = make_tiny_model("llama")
     inputs = tiny_inputs()
@@ -232,7 +232,7 @@ def test_a_rank_larger_than_a_target_is_capped_with_its_scaling_kept(use_rslora,
     model = make_tiny_model("llama", num_key_value_heads=1, head_dim=16)  # k_proj / v_proj are 16 x 64
     inputs = tiny_inputs()
     base = logits(model, inputs)
-    with caplog.at_level("WARNING", logger="peft_geora.layer"):
+    with caplog.at_level("WARNING", logger="peft_geora.tuner.layer"):
         peft_model = get_peft_model(model, GeoRAConfig(r=32, lora_alpha=64, use_rslora=use_rslora))
     assert re.search(
         r"r=32 is larger than min\(out, in\)=16 of target module 'model.layers.0.self_attn.k_proj'", caplog.text

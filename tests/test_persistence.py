@@ -19,9 +19,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 import peft_geora
-import peft_geora.cli
+import peft_geora_apps.cli
 from peft_geora import BaseModelMismatchError, BaseModelMismatchWarning, GeoRAConfig, base_check
-from peft_geora.config import FORMAT_VERSION
+from peft_geora.format.checkpoint import FORMAT_VERSION
 
 from .conftest import assert_bitwise_equal, make_tiny_model, state_snapshot, tiny_inputs
 
@@ -48,7 +48,7 @@ def trained_geora(config: GeoRAConfig | None = None, seed: int = 0, dtype=torch.
 def no_decomposition(monkeypatch):
     """Make every SVD entry point raise: loading must not decompose anything."""
     import peft_geora.functional as functional
-    import peft_geora.layer as layer
+    import peft_geora.tuner.layer as layer
 
     def boom(*args, **kwargs):
         raise AssertionError("a decomposition ran during loading")
@@ -84,9 +84,9 @@ def test_reload_in_a_fresh_process_is_bit_identical_without_any_svd(saved, tmp_p
     folder, inputs, expected = saved
     torch.save(inputs, tmp_path / "inputs.pt")
     script = f"""
-        import torch, peft_geora, peft_geora.layer, peft_geora.functional
+        import torch, peft_geora, peft_geora.tuner.layer, peft_geora.functional
         def boom(*a, **k): raise AssertionError("decomposition during load")
-        peft_geora.layer.geora_decompose = peft_geora.functional.truncated_svd = torch.linalg.svd = boom
+        peft_geora.tuner.layer.geora_decompose = peft_geora.functional.truncated_svd = torch.linalg.svd = boom
         from peft import PeftModel
         from tests.conftest import make_tiny_model
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
@@ -252,7 +252,7 @@ def test_lora_export_loads_without_peft_geora(name, tmp_path):
     make_tiny_model().save_pretrained(base_dir)
     peft_geora.save_as_lora(model, tmp_path / "api")
     model.save_pretrained(tmp_path / "geora")
-    assert peft_geora.cli.main(["export-lora", str(tmp_path / "geora"), str(tmp_path / "cli")]) == 0
+    assert peft_geora_apps.cli.main(["export-lora", str(tmp_path / "geora"), str(tmp_path / "cli")]) == 0
     config = json.loads((tmp_path / "cli" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and not config["use_rslora"]
     torch.save(inputs, tmp_path / "inputs.pt")
@@ -282,7 +282,9 @@ def test_rank_k_export_is_the_best_rank_k_update_and_reports_its_error(tmp_path,
     model = trained_geora(GeoRAConfig(r=4, rank_pattern={"q_proj": 2}))
     model.save_pretrained(tmp_path / "geora")
     peft_geora.save_as_lora(model, tmp_path / "api", rank=3)
-    assert peft_geora.cli.main(["export-lora", str(tmp_path / "geora"), str(tmp_path / "cli"), "--rank", "3"]) == 0
+    assert (
+        peft_geora_apps.cli.main(["export-lora", str(tmp_path / "geora"), str(tmp_path / "cli"), "--rank", "3"]) == 0
+    )
     assert "--max-lora-rank 3" in capsys.readouterr().out
     for name in ("api", "cli"):
         folder = tmp_path / name
@@ -506,7 +508,7 @@ def test_bin_serialization_round_trips_and_exports(saved, tmp_path, no_decomposi
     peft_geora.export_lora(tmp_path / "bin", tmp_path / "lora")
     lora = PeftModel.from_pretrained(make_tiny_model(), tmp_path / "lora")
     torch.testing.assert_close(logits(lora, inputs), expected, rtol=1e-5, atol=1e-5)
-    from peft_geora.inspect_adapter import load_adapter
+    from peft_geora_apps.inspect_adapter import load_adapter
 
     config, modules = load_adapter(tmp_path / "bin")
     assert config["peft_type"] == "GEORA" and len(modules) == 14 and all("A_delta" in m for m in modules.values())

@@ -20,12 +20,8 @@ from .conftest import full_factors, make_tiny_model, tiny_inputs
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from peft_geora.quantized import (  # noqa: E402  (needs bitsandbytes)
-    GeoRALinear4bit,
-    GeoRALinear8bitLt,
-    dequantized_weight,
-    quantize_base,
-)
+from peft_geora.tuner.bnb_weights import dequantized_weight  # noqa: E402
+from peft_geora.tuner.quantized import GeoRALinear4bit, GeoRALinear8bitLt, quantize_base  # noqa: E402  (needs bitsandbytes)
 
 QUANT = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -190,9 +186,9 @@ def test_save_and_reload_onto_a_fresh_quantized_base_is_bit_identical(float_dir,
     train_steps(peft_model, inputs, steps=2)
     expected = logits(peft_model, inputs)
     peft_model.save_pretrained(tmp_path / "adapter")
-    import peft_geora.layer
+    import peft_geora.tuner.layer
 
-    monkeypatch.setattr(peft_geora.layer, "geora_decompose", pytest.fail)  # loading runs no decomposition
+    monkeypatch.setattr(peft_geora.tuner.layer, "geora_decompose", pytest.fail)  # loading runs no decomposition
     with warnings.catch_warnings():
         warnings.simplefilter("error", BaseModelMismatchWarning)
         reloaded = PeftModel.from_pretrained(load(float_dir, kind), tmp_path / "adapter")
@@ -320,7 +316,7 @@ def test_grpo_on_a_4bit_base_exact_kl_and_bit_identical_reload(float_dir, tmp_pa
 def test_docs_snippets_run(float_dir, tmp_path, monkeypatch):
     """The "Quantized base models" code blocks as written (README once merged, else docs/quantized.md), in order,
     on the tiny model."""
-    import peft_geora.default_model
+    import peft_geora_apps.default_model
 
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
@@ -330,7 +326,7 @@ def test_docs_snippets_run(float_dir, tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(peft_geora.default_model, "default_model_path", lambda: float_dir)
+    monkeypatch.setattr(peft_geora_apps.default_model, "default_model_path", lambda: float_dir)
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "docs/quantized.md", "exec"), namespace)

@@ -32,7 +32,7 @@ def test_ci_installs_as_the_readme_says_from_the_lock():
 
 
 def test_readme_main_command_is_a_cli_subcommand():
-    from peft_geora.cli import build_parser
+    from peft_geora_apps.cli import build_parser
 
     readme = (ROOT / "README.md").read_text()
     main = next(b.strip() for b in bash_blocks(readme) if b.strip().startswith("peft-geora "))

@@ -42,7 +42,7 @@ def test_the_built_in_model_is_recorded_by_its_name_not_its_cache_folder(smollm2
     from huggingface_hub import ModelCard
 
     import peft_geora
-    from peft_geora.default_model import DEFAULT_MODEL_ID, load_default_model
+    from peft_geora_apps.default_model import DEFAULT_MODEL_ID, load_default_model
 
     model, _ = load_default_model()
     assert model.name_or_path == DEFAULT_MODEL_ID

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from peft_geora.demo import format_curve, reward_curve
-from peft_geora.tasks import (
+from peft_geora_apps.demo import format_curve, reward_curve
+from peft_geora_apps.tasks import (
     FORMAT_BONUS,
     TASKS,
     completion_text,

@@ -25,8 +25,8 @@ from benchmarks.rlvr.metrics import (  # noqa: E402
 )
 from benchmarks.rlvr.probes import GENERAL_PROMPTS, RETAINED_SKILL, skill_correct  # noqa: E402
 from peft_geora import GeoRAConfig  # noqa: E402
-from peft_geora.default_model import load_default_model  # noqa: E402
-from peft_geora.tasks import (  # noqa: E402
+from peft_geora_apps.default_model import load_default_model  # noqa: E402
+from peft_geora_apps.tasks import (  # noqa: E402
     TRAIN_MIX,
     correctness_reward,
     format_reward,

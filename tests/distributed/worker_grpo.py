@@ -38,8 +38,8 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import peft_geora  # noqa: E402
 from peft_geora import GeoRAConfig, GeoRALayer  # noqa: E402
-from peft_geora.distributed import broadcast_from_rank0  # noqa: E402
 from peft_geora.functional import geora_decompose  # noqa: E402
+from peft_geora.tuner.distributed import broadcast_from_rank0  # noqa: E402
 from tests.distributed.cpu_engines import digest, engine_facts, full_state_dict, shard_facts  # noqa: E402
 from tests.distributed.worker_common import anchors_of, logits, max_diff, peft_key, write_result  # noqa: E402
 from tests.grpo_utils import distinct_chars_reward, make_tiny_tokenizer, tiny_prompt_dataset  # noqa: E402

@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noq
 
 import peft_geora  # noqa: E402
 from peft_geora import GeoRAConfig  # noqa: E402
-from peft_geora.callback import GeoRADiagnosticsCallback  # noqa: E402
+from peft_geora.diagnostics.callback import GeoRADiagnosticsCallback  # noqa: E402
 from tests.conftest import VOCAB  # noqa: E402
 from tests.distributed.cpu_engines import digest, engine_facts, full_state_dict, shard_facts  # noqa: E402
 from tests.distributed.worker_common import anchors_of, logits, write_result  # noqa: E402

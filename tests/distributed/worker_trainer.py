@@ -43,8 +43,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 
 import peft_geora  # noqa: E402
 from peft_geora import GeoRAConfig, GeoRALayer  # noqa: E402
-from peft_geora import fingerprint as geora_fingerprint  # noqa: E402
-from peft_geora.distributed import gathered  # noqa: E402
+from peft_geora.tuner import load_check as geora_load_check  # noqa: E402
+from peft_geora.tuner.distributed import gathered  # noqa: E402
 from tests.conftest import VOCAB  # noqa: E402
 from tests.distributed.cpu_engines import digest, engine_facts, full_state_dict, shard_facts  # noqa: E402
 from tests.distributed.worker_common import anchors_of, logits, max_diff, write_result  # noqa: E402
@@ -351,7 +351,7 @@ class Counting:
     def __init__(self) -> None:
         self.checks = self.fingerprints = 0
         self.mismatched: list[str] = []
-        check, fingerprint = geora_fingerprint.check_loaded_adapters, GeoRALayer.geora_fingerprint
+        check, fingerprint = geora_load_check.check_loaded_adapters, GeoRALayer.geora_fingerprint
 
         def counted_check(model: torch.nn.Module) -> list[str]:
             self.checks += 1
@@ -363,7 +363,7 @@ class Counting:
             self.fingerprints += 1
             return fingerprint(layer)
 
-        geora_fingerprint.check_loaded_adapters = counted_check
+        geora_load_check.check_loaded_adapters = counted_check
         GeoRALayer.geora_fingerprint = counted_fingerprint
 
     def snapshot(self) -> dict[str, Any]:
@@ -466,7 +466,7 @@ def resume(engine: str, model_dir: str, out_dir: Path, first_run: Path) -> dict[
         with peft_geora.base_check("raise"):
             trainer._load_from_checkpoint(str(checkpoint))
         result["changed_base"] = None
-    except geora_fingerprint.BaseModelMismatchError as exc:
+    except peft_geora.BaseModelMismatchError as exc:
         result["changed_base"] = str(exc)
     result["total_s"] = time.perf_counter() - START
     return result

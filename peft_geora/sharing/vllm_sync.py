@@ -26,52 +26,18 @@ import sys
 from copy import deepcopy
 from typing import Any
 
+from ..tuner.config import GeoRAConfig
+from .export import lora_export_config, write_lora_export
+
 logger = logging.getLogger(__name__)
 
 ASYNC_GRPO_MODULE = "trl.experimental.async_grpo.async_grpo_trainer"
 _PATCHED = "_peft_geora_patched"
 
 
-def lora_export_config(config: Any) -> Any:
-    """The ``LoraConfig`` a GeoRA adapter is exported as (ranks doubled, each scaling kept, plain not rsLoRA).
-
-    TRL uses it to check the adapter's rank against the server's ``--max-lora-rank``.
-    """
-    from peft import LoraConfig
-
-    from .config import lora_scaling
-
-    def scaling(r: int, alpha: float) -> float:
-        return lora_scaling(r, alpha, config.use_rslora)
-
-    names = set(LoraConfig.__dataclass_fields__) - {"peft_type", "runtime_config"}
-    data = {name: getattr(config, name) for name in names}
-    ranks, alphas = config.rank_pattern or {}, config.alpha_pattern or {}
-    pattern_keys = set(ranks) | set(alphas)
-    data.update(
-        r=2 * config.r,
-        lora_alpha=2 * config.r * scaling(config.r, config.lora_alpha),
-        use_rslora=False,
-        rank_pattern={k: 2 * ranks.get(k, config.r) for k in pattern_keys},
-        alpha_pattern={
-            k: 2 * ranks.get(k, config.r) * scaling(ranks.get(k, config.r), alphas.get(k, config.lora_alpha))
-            for k in pattern_keys
-        },
-    )
-    return LoraConfig(**data)
-
-
-def _is_geora(config: Any) -> bool:
-    from .config import GeoRAConfig
-
-    return isinstance(config, GeoRAConfig)
-
-
 def save_geora_lora_adapter(model: Any, accelerator: Any, adapter_name: str, dest_dir: str) -> None:
     """Publish ``adapter_name`` of a GeoRA model to ``dest_dir`` as its rank-2r LoRA export (atomic rename)."""
     from torch.distributed.tensor import DTensor
-
-    from .export import write_lora_export
 
     tensors = {}
     for name, param in model.state_dict().items():
@@ -101,11 +67,13 @@ def patch_async_grpo(module: Any) -> None:
     @functools.wraps(validate)
     def validate_lora_for_vllm_sync(model: Any) -> Any:
         config = validate(model)
-        return lora_export_config(config) if _is_geora(config) else config
+        if not isinstance(config, GeoRAConfig):
+            return config
+        return lora_export_config(model, model.active_adapters[0])
 
     @functools.wraps(save)
     def save_lora_adapter(model: Any, accelerator: Any, adapter_name: str, dest_dir: str) -> None:
-        if _is_geora(model.peft_config.get(adapter_name)):
+        if isinstance(model.peft_config.get(adapter_name), GeoRAConfig):
             return save_geora_lora_adapter(model, accelerator, adapter_name, dest_dir)
         return save(model, accelerator, adapter_name, dest_dir)
 

@@ -23,6 +23,12 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+# Version of the saved adapter format. A checkpoint with a higher version was written by an incompatible newer
+# peft-geora and is refused instead of being loaded half-understood. 1: trainable factors A, B stored whole
+# (``lora_A.factor``); 2: their updates dA, dB (``lora_A.delta``), see peft_geora.tuner.anchor. Version 1 still loads.
+FORMAT_VERSION = 2
+
+CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.(?P<kind>delta|anchor|factor|weight)$")
@@ -39,6 +45,12 @@ def split_key(key: str) -> tuple[str, str, str] | None:
     """
     match = _KEY.match(key)
     return None if match is None else (match["module"], match["side"], match["kind"])
+
+
+def parameter_key(module_path: str, parameter_name: str) -> str:
+    """The name of an adapted parameter (``target_parameters``): its module path without the ``.base_layer`` that
+    nested parameter wrappers insert, then the parameter's own name (``mlp.experts`` + ``gate_up_proj``)."""
+    return re.sub(r"(\.base_layer)+", "", module_path) + "." + parameter_name.rsplit(".", 1)[-1]
 
 
 def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ import contextvars
 import logging
 import math
 import re
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,12 +23,12 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..format.fingerprint import weight_fingerprint
+from ..functional import GeoRAFactors, decomposition_report, geora_decompose
 from .anchor import AnchoredA, AnchoredB
+from .bnb_weights import bnb_layer_kind, dequantized_weight
 from .config import GeoRAConfig, lora_scaling
-from .diagnostics import decomposition_report
 from .distributed import broadcast_from_rank0, check_reachable, gathered, is_zero3_param
-from .fingerprint import weight_fingerprint
-from .functional import GeoRAFactors, geora_decompose
 from .init_runtime import advance, resolve_init_device
 
 logger = logging.getLogger(__name__)
@@ -58,21 +57,6 @@ def is_quantized_layer(layer: nn.Module) -> bool:
     if weight is not None and (hasattr(weight, "quant_state") or hasattr(weight, "SCB")):
         return True
     return weight is not None and not weight.is_floating_point()
-
-
-def bnb_layer_kind(layer: nn.Module) -> str | None:
-    """``"4bit"`` / ``"8bit"`` for the bitsandbytes layers GeoRA supports (Linear4bit, Linear8bitLt), else None.
-
-    Looks bitsandbytes up in ``sys.modules`` only: a model cannot hold its layers unless it was imported.
-    """
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is None:
-        return None
-    if isinstance(layer, bnb.nn.Linear4bit):
-        return "4bit"
-    if isinstance(layer, bnb.nn.Linear8bitLt):
-        return "8bit"
-    return None
 
 
 def _all_finite(weight: torch.Tensor) -> bool:
@@ -106,8 +90,6 @@ def check_target(layer: nn.Module, name: str) -> None:
         return
     check_reachable(weight, name)
     if kind is not None:
-        from .quantized import dequantized_weight
-
         weight = dequantized_weight(layer)
     # ZeRO-3: finiteness is checked once gathered (distributed.gathered)
     if not is_zero3_param(weight) and not _all_finite(weight):

@@ -27,15 +27,22 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from .anchor import effective_weight
-from .checkpoint import PEFT_PREFIX, WEIGHTS_NAME, geora_tensors_by_module, read_tensors, weights_file
-from .config import lora_scaling, pattern_value
-from .functional import truncate_product
-from .hub import write_model_card
+from ..format.card import write_model_card
+from ..format.checkpoint import (
+    CONFIG_NAME,
+    PEFT_PREFIX,
+    WEIGHTS_NAME,
+    geora_tensors_by_module,
+    read_tensors,
+    weights_file,
+)
+from ..functional import truncate_product
+from ..tuner.anchor import effective_weight
+from ..tuner.config import GeoRAConfig, lora_scaling, pattern_value
+from ..tuner.layer import GeoRALayer
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
 REPORT_NAME = "geora_export.json"
 _LORA_FIELDS = frozenset(LoraConfig.__dataclass_fields__) - {"runtime_config"}
 
@@ -75,13 +82,9 @@ def geora_to_lora(
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"GeoRA export: rank must be a positive int or None, got {rank!r}")
     parts, out = geora_tensors_by_module(tensors)
-    base_r, base_alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
-    default_scaling = lora_scaling(base_r, base_alpha, rslora)
-    new_r = rank if rank is not None else 2 * base_r
-    rank_pattern, alpha_pattern, errors = {}, {}, {}
+    ranks, errors = {}, {}
     for module, p in sorted(parts.items()):
         name, experts = _pattern_key_and_experts(config, module.removeprefix(PEFT_PREFIX))
-        r = p["A_anchor"].shape[0] // experts
         dtype = p["A_delta"].dtype
         a = effective_weight(p["A_delta"].float(), p["A_anchor"].float(), "A", experts)
         b = effective_weight(p["B_delta"].float(), p["B_anchor"].float(), "B", experts)
@@ -95,12 +98,29 @@ def geora_to_lora(
             b, a, errors[module] = truncate_product(b, a, rank)
         out[f"{module}.lora_A.weight"] = a.to(dtype).contiguous()
         out[f"{module}.lora_B.weight"] = b.to(dtype).contiguous()
+        ranks[name] = (p["A_anchor"].shape[0] // experts, a.shape[0] // experts)
+    return lora_config_dict(config, ranks, rank), out, errors
+
+
+def lora_config_dict(config: dict, ranks: dict[str, tuple[int, int]], rank: int | None = None) -> dict:
+    """The config dict of a GeoRA adapter's LoRA export (the one conversion of configs, used by every export).
+
+    ``ranks`` maps each module's pattern name (its path, or the parameter's name for ``target_parameters``) to
+    ``(r, r')``: its GeoRA rank and its rank in the export. The export's default rank is ``rank`` (``2r`` if None);
+    each module keeps its GeoRA scaling ``s`` (rank/alpha patterns and rsLoRA resolved): plain LoRA scaling
+    ``alpha' / r'`` with ``alpha' = s r'``, and every module whose ``r'`` or ``alpha'`` differs from the default is
+    spelled out in ``rank_pattern`` / ``alpha_pattern`` with an exact key.
+    """
+    base_r, base_alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
+    default_scaling = lora_scaling(base_r, base_alpha, rslora)
+    new_r = rank if rank is not None else 2 * base_r
+    rank_pattern, alpha_pattern = {}, {}
+    for name, (r, r_export) in sorted(ranks.items()):
         scaling = lora_scaling(r, pattern_value(config.get("alpha_pattern") or {}, name, base_alpha), rslora)
-        r_m = a.shape[0] // experts
-        if r_m != new_r:
-            rank_pattern[name] = r_m
-        if not math.isclose(scaling * r_m, default_scaling * new_r, rel_tol=1e-12):
-            alpha_pattern[name] = scaling * r_m
+        if r_export != new_r:
+            rank_pattern[name] = r_export
+        if not math.isclose(scaling * r_export, default_scaling * new_r, rel_tol=1e-12):
+            alpha_pattern[name] = scaling * r_export
     lora_config = {k: _jsonable(v) for k, v in config.items() if k in _LORA_FIELDS}
     lora_config.update(
         peft_type="LORA",
@@ -111,7 +131,7 @@ def geora_to_lora(
         alpha_pattern={_exact_pattern(k): v for k, v in alpha_pattern.items()},
         init_lora_weights=True,
     )
-    return lora_config, out, errors
+    return lora_config
 
 
 def _pattern_key_and_experts(config: dict, module: str) -> tuple[str, int]:
@@ -154,12 +174,36 @@ def export_lora(src: str | os.PathLike, dst: str | os.PathLike, rank: int | None
 
 
 def save_as_lora(peft_model, dst: str | os.PathLike, adapter_name: str = "default", rank: int | None = None) -> Path:  # noqa: ANN001
-    """Save ``adapter_name`` of a GeoRA ``PeftModel`` (or ``GeoRAModel``) as a stock LoRA in ``dst``.
+    """Save ``adapter_name`` of a GeoRA ``PeftModel`` (or ``GeoRAModel``) as a stock LoRA in ``dst`` (created).
 
-    ``rank=None`` (default): the exact rank-2r LoRA. ``rank=k``: the best rank-k approximation of each module's update,
-    with per-module relative errors in ``dst/geora_export.json``.
+    ``rank=None`` (default): the exact rank-2r LoRA (``B' = [B0 + dB, dB]``, ``A' = [dA; A0]``). ``rank=k``: the best
+    rank-k approximation of each module's update, with per-module relative errors in ``dst/geora_export.json``. The
+    folder loads with stock PEFT and transformers' ``load_adapter`` without peft-geora. Raises ``ValueError`` for an
+    adapter that is not GeoRA.
     """
     from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
 
     tuner = peft_model.base_model if isinstance(peft_model, PeftModel) else peft_model
-    return tuner.save_as_lora(dst, adapter_name, rank=rank)
+    config = tuner.peft_config[adapter_name]
+    if not isinstance(config, GeoRAConfig):
+        raise ValueError(f"GeoRA export: adapter {adapter_name!r} is a {type(config).__name__} adapter, not GeoRA")
+    state = get_peft_model_state_dict(tuner, adapter_name=adapter_name, save_embedding_layers=False)
+    tensors = {f"base_model.{key}": value.detach().cpu() for key, value in state.items()}
+    config_dict = config.to_dict()
+    config_dict["base_model_name_or_path"] = config.base_model_name_or_path or tuner.model.name_or_path or None
+    return write_lora_export(config_dict, tensors, dst, rank)
+
+
+def lora_export_config(peft_model, adapter_name: str) -> LoraConfig:  # noqa: ANN001
+    """The ``LoraConfig`` that :func:`save_as_lora` would write for ``adapter_name`` (ranks 2r, each module's scaling
+    kept, plain LoRA scaling), read off the model's layers without copying weights. TRL's vLLM sync checks the server's
+    ``--max-lora-rank`` against it."""
+    tuner = getattr(peft_model, "base_model", peft_model)
+    ranks = {}
+    for name, module in tuner.model.named_modules():
+        if isinstance(module, GeoRALayer) and adapter_name in module.lora_A:
+            key = getattr(module, "geora_param_key", name)
+            ranks[key] = (module.r[adapter_name], 2 * module.r[adapter_name])
+    data = lora_config_dict(tuner.peft_config[adapter_name].to_dict(), ranks)
+    return LoraConfig(**{k: v for k, v in data.items() if k != "peft_type"})

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import GeoRAConfig
+from peft_geora import GeoRAConfig
+
 from .default_model import load_default_model
 from .tasks import TRAIN_MIX, correctness_reward, format_reward, greedy_accuracy, split, to_dataset
 

@@ -21,9 +21,9 @@ import torch
 from peft.tuners.lora import ParamWrapper
 from torch import nn
 
+from ..functional import GeoRAFactors, geora_decompose_experts
 from .config import GeoRAConfig
 from .distributed import check_reachable, gathered, is_zero3_param
-from .functional import GeoRAFactors, geora_decompose_experts
 from .layer import GeoRALayer
 
 

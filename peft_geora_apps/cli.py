@@ -16,9 +16,10 @@ def _init_report(args: argparse.Namespace) -> int:
     import torch
     from peft import get_peft_model
 
-    from . import GeoRAConfig
+    from peft_geora import GeoRAConfig
+    from peft_geora.diagnostics.report import format_table, summarize
+
     from .default_model import load_default_model
-    from .report import format_table, summarize
 
     model, tokenizer = load_default_model(args.model, device=args.device)
     model.eval()
@@ -66,7 +67,7 @@ def _export_lora(args: argparse.Namespace) -> int:
     """Convert a saved GeoRA adapter folder into a stock PEFT LoRA folder (exact rank 2r, or rank --rank)."""
     import json
 
-    from .export import REPORT_NAME, export_lora
+    from peft_geora.sharing.export import REPORT_NAME, export_lora
 
     dst = export_lora(args.src, args.dst, rank=args.rank)
     if args.rank is None:

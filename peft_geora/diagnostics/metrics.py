@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from .functional import GeoRADecomposition, geora_decompose, randomized_svd
+from ..functional import decomposition_report, geora_decompose, randomized_svd
 
 EXACT_LIMIT = 1024  # exact SVDs up to this min(out, in); randomized / top-q paths above
 DEFAULT_TOP_Q = 64  # singular values the cheap spectral shift compares
@@ -306,25 +306,6 @@ def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
         values = [row[key] for row in rows if not math.isnan(row[key])]
         out[key] = sum(values) / len(values) if values else float("nan")
     return out
-
-
-def decomposition_report(dec: GeoRADecomposition) -> dict[str, float]:
-    """What one GeoRA initialisation did: mask coverages, overlap (share of entries in both masks), Jaccard index,
-    energy kept by the mask and the share of it the rank-r factors capture. Also the layers' ``geora_reports``."""
-    spectral, euclidean = dec.masks
-    n = spectral.numel()
-    overlap = int(torch.count_nonzero(spectral & euclidean))
-    spectral_count, euclidean_count = int(torch.count_nonzero(spectral)), int(torch.count_nonzero(euclidean))
-    union = spectral_count + euclidean_count - overlap
-    return {
-        "spectral_coverage": spectral_count / n,
-        "euclidean_coverage": euclidean_count / n,
-        "union_coverage": union / n,
-        "overlap": overlap / n,
-        "jaccard": overlap / union if union else 0.0,
-        "masked_energy": dec.masked_energy / dec.weight_energy if dec.weight_energy else 0.0,
-        "captured_energy": float(dec.singular_values.square().sum()) / dec.masked_energy if dec.masked_energy else 0.0,
-    }
 
 
 def geora_init_report(

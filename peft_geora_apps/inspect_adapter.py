@@ -27,10 +27,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .checkpoint import PEFT_PREFIX, geora_tensors_by_module, read_tensors, split_key, weights_file
-from .config import lora_scaling, pattern_value
-from .diagnostics import DEFAULT_TOP_K, EXACT_LIMIT, mean_rows, update_diagnostics
-from .report import layer_type
+from peft_geora.diagnostics.metrics import DEFAULT_TOP_K, EXACT_LIMIT, mean_rows, update_diagnostics
+from peft_geora.diagnostics.report import layer_type
+from peft_geora.format.checkpoint import (
+    PEFT_PREFIX,
+    geora_tensors_by_module,
+    parameter_key,
+    read_tensors,
+    split_key,
+    weights_file,
+)
+from peft_geora.tuner.config import lora_scaling, pattern_value
 
 logger = logging.getLogger(__name__)
 
@@ -270,12 +277,7 @@ def inspect_adapter(
         notes.append(f"skipped {len(skipped)} modules with non-matrix factors (convolutions): {', '.join(skipped)}")
         modules = {k: t for k, t in modules.items() if k not in skipped}
     targets = config.get("parameter_targets") or {}
-    # an adapted parameter's base tensor: "<module path without .base_layer>.<parameter name>"
-    tensor_names = {
-        key: re.sub(r"(\.base_layer)+", "", key) + "." + targets[key][0].rsplit(".", 1)[-1]
-        for key in modules
-        if key in targets
-    }
+    tensor_names = {key: parameter_key(key, targets[key][0]) for key in modules if key in targets}
     weights = load_base_weights(folder, sorted(modules), tensor_names)
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     model_type = _model_type(folder)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 from peft.tuners.lora import LoraLayer, LoraModel
@@ -15,15 +13,16 @@ from peft.utils import _get_submodules
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import upgrade_state_dict, validate_checkpoint
+from ..format.card import TAGS
+from ..format.checkpoint import upgrade_state_dict, validate_checkpoint
+from .bnb_weights import bnb_layer_kind
 from .config import GeoRAConfig
-from .fingerprint import ensure_load_hooks
+from .experts import GeoRAParamWrapper
 from .init_runtime import init_progress
-from .layer import GeoRALayer, GeoRALinear, bnb_layer_kind, check_target_type, plain_lora_modules
+from .layer import GeoRALayer, GeoRALinear, check_target_type, plain_lora_modules
+from .load_check import ensure_load_hooks
 
 logger = logging.getLogger(__name__)
-
-MODEL_TAGS = ("geora", "peft-geora")
 
 
 class GeoRAModel(LoraModel):
@@ -55,12 +54,10 @@ class GeoRAModel(LoraModel):
             )
         parameter_name = kwargs.pop("parameter_name", None)
         if parameter_name is not None:  # target_parameters: a 2-D parameter or 3-D stacked experts
-            from .experts import GeoRAParamWrapper
-
             return GeoRAParamWrapper(target, adapter_name, parameter_name=parameter_name, config=config, **kwargs)
         check_target_type(base, name)  # the weight is checked by update_layer, before anything is modified
         if bnb_layer_kind(base) is not None:
-            from .quantized import create_quantized_module
+            from .quantized import create_quantized_module  # needs bitsandbytes, an optional dependency
 
             return create_quantized_module(target, adapter_name, config, **kwargs)
         if isinstance(base, Conv1D):
@@ -90,24 +87,7 @@ class GeoRAModel(LoraModel):
         }
         ensure_load_hooks(model)
         if hasattr(model, "add_model_tags"):
-            model.add_model_tags(list(MODEL_TAGS))
-
-    def save_as_lora(self, dst: str | os.PathLike, adapter_name: str = "default", rank: int | None = None) -> Path:
-        """Write ``adapter_name`` as a stock PEFT LoRA to ``dst``: exact rank 2r (``B' = [B0 + dB, dB]``,
-        ``A' = [dA; A0]``), or the best rank-``rank`` approximation (see :mod:`peft_geora.export`).
-
-        The folder loads with stock PEFT and transformers' ``load_adapter`` without peft-geora.
-        """
-        from peft.utils import get_peft_model_state_dict
-
-        from .export import write_lora_export
-
-        config = self.peft_config[adapter_name]
-        state = get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=False)
-        tensors = {f"base_model.{key}": value.detach().cpu() for key, value in state.items()}
-        config_dict = config.to_dict()
-        config_dict["base_model_name_or_path"] = config.base_model_name_or_path or self.model.name_or_path or None
-        return write_lora_export(config_dict, tensors, dst, rank)
+            model.add_model_tags(list(TAGS))
 
     def add_weighted_adapter(
         self, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs

@@ -12,7 +12,6 @@ This module needs ``bitsandbytes``; ``peft_geora`` imports it only when a model 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -28,42 +27,13 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..format.fingerprint import weight_fingerprint
 from .anchor import AnchoredA
+from .bnb_weights import dequantized_weight, quantization_of
 from .config import GeoRAConfig
-from .fingerprint import weight_fingerprint
 from .layer import GeoRALayer, GeoRALinear
 
 logger = logging.getLogger(__name__)
-
-INT8_HALF_STEP = 0.5 / 127  # LLM.int8() rounds each row to multiples of absmax / 127
-
-
-@torch.no_grad()
-def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight of a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` as a new float32 (out x in) tensor.
-
-    4-bit weights are decoded straight to float32 (not to the stored dtype and then up); nothing on ``layer`` changes
-    (unlike ``peft.utils.integrations.dequantize_bnb_weight``, which fills in ``state.SCB``).
-    """
-    weight = layer.weight
-    if isinstance(weight, bnb.nn.Params4bit):
-        state = copy.copy(weight.quant_state)
-        state.dtype = torch.float32
-        return bnb.functional.dequantize_4bit(weight.data, state).reshape(layer.out_features, layer.in_features)
-    if weight.dtype != torch.int8:  # has_fp16_weights: stored in float until moved to an accelerator
-        return weight.detach().float().clone()
-    scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-    return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).float()
-
-
-def quantization_of(layer: nn.Module) -> tuple[str, int, float]:
-    """``(kind, block, half_step)`` of a bitsandbytes layer, for :func:`peft_geora.fingerprint.weight_fingerprint`:
-    the code book's name, the number of consecutive entries sharing one scale, the largest rounding error / scale."""
-    weight = layer.weight
-    if isinstance(weight, bnb.nn.Params4bit):
-        codes = bnb.functional.get_4bit_type(weight.quant_type, device="cpu").sort().values
-        return weight.quant_type, weight.blocksize, float((codes[1:] - codes[:-1]).max()) / 2
-    return "int8", layer.in_features, INT8_HALF_STEP
 
 
 class _QuantizedGeoRALayer(GeoRALayer):

@@ -11,15 +11,11 @@ from typing import Any, Literal
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
-from .functional import COMPONENTS, PRIORS, SOLVERS
-from .hub import write_model_card
+from ..format.card import write_model_card
+from ..format.checkpoint import CONFIG_NAME, FORMAT_VERSION
+from ..functional import COMPONENTS, DEFAULT_NITER, DEFAULT_OVERSAMPLE, PRIORS, SOLVERS
 from .init_runtime import check_init_device
 from .registry import geora_peft_type
-
-# Version of the saved adapter format. A checkpoint with a higher version was written by an incompatible newer
-# peft-geora and is refused instead of being loaded half-understood. 1: trainable factors A, B stored whole
-# (``lora_A.factor``); 2: their updates dA, dB (``lora_A.delta``), see peft_geora.anchor. Version 1 still loads.
-FORMAT_VERSION = 2
 
 # LoRA options that change what the adapter computes or how it is initialised: GeoRA defines both, so these are
 # refused rather than silently ignored. Maps field -> the value that means "off".
@@ -111,7 +107,7 @@ class GeoRAConfig(LoraConfig):
         },
     )
     svd_niter: int = field(
-        default=64,
+        default=DEFAULT_NITER,
         metadata={
             "help": "Most Krylov steps of the randomized solver (each costs two products of the weight with a block "
             "of max(8, r/2) + svd_oversample vectors). A cap: the solver stops once the captured top-r energy has "
@@ -120,7 +116,7 @@ class GeoRAConfig(LoraConfig):
         },
     )
     svd_oversample: int = field(
-        default=0,
+        default=DEFAULT_OVERSAMPLE,
         metadata={
             "help": "Extra vectors per Krylov block of the randomized solver (block = max(8, ceil(r/2)) + "
             "svd_oversample). Measured on SmolLM2: blocks of r/2 reach the target energy fastest; blocks of r took "
@@ -194,7 +190,7 @@ class GeoRAConfig(LoraConfig):
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Save like any PEFT config, marked ``init_from_checkpoint`` (the factors are saved beside it)."""
         super().save_pretrained(save_directory, **kwargs)
-        path = os.path.join(save_directory, "adapter_config.json")
+        path = os.path.join(save_directory, CONFIG_NAME)
         with open(path) as fh:
             data = json.load(fh)
         data["init_from_checkpoint"] = True

@@ -8,22 +8,19 @@ their weight through :func:`peft_geora.distributed.gathered`: a ZeRO-3 partition
 shard is fingerprinted as the whole weight (a collective; the load hook runs on every rank).
 
 The policy is ``"warn"`` by default; ``"raise"`` or ``"off"`` via :func:`base_check` or ``PEFT_GEORA_BASE_CHECK``.
+This module holds the fingerprint and the policy; the check that runs after a load is
+:mod:`peft_geora.tuner.load_check`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import warnings
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 
-from .functional import chunk_size, chunks
-
-logger = logging.getLogger(__name__)
+from ..functional.selection import chunk_size, chunks
 
 POLICIES = ("warn", "raise", "off")
 _policy: list[str] = []
@@ -126,63 +123,3 @@ def fingerprints_match(expected: dict, actual: dict) -> bool:
     sums_match = all(abs(a - b) <= QUANTIZED_SUM_TOL * max(abs(a), abs(b)) for a, b in pairs[:2])
     slack = [sum((f["half_step"] + QUANTIZED_SCALE_SLACK) * f["scales"][k] for f in quantized) for k in range(4)]
     return sums_match and all(abs(a - b) <= slack[k] + 1e-30 for k, (a, b) in enumerate(pairs[2:]))
-
-
-def check_loaded_adapters(model: nn.Module) -> list[str]:
-    """Compare every freshly loaded GeoRA adapter's fingerprint with its base weight; apply the policy.
-
-    Returns the mismatching ``module (adapter)`` names. Runs as a ``load_state_dict`` post-hook of the model.
-    """
-    from .anchor import AnchoredA
-    from .layer import GeoRALayer
-
-    mismatched = []
-    policy = current_policy()
-    for name, module in model.named_modules():
-        if not isinstance(module, GeoRALayer):
-            continue
-        for adapter, lora_a in module.lora_A.items():
-            if not isinstance(lora_a, AnchoredA):
-                continue
-            lora_a.resolve_checkpoint()
-            if not lora_a.loaded_unchecked:
-                continue
-            lora_a.loaded_unchecked = False
-            expected = module.geora_expected_fingerprint.get(adapter)
-            weight = module.geora_target_weight()
-            if policy == "off" or not expected or weight.device.type == "meta":
-                continue
-            if not fingerprints_match(expected, module.geora_fingerprint()):
-                mismatched.append(f"{name} ({adapter})")
-    if mismatched:
-        shown = ", ".join(mismatched[:10]) + (f" and {len(mismatched) - 10} more" if len(mismatched) > 10 else "")
-        message = (
-            f"GeoRA: the base weights of {len(mismatched)} adapted module(s) differ from those the adapter was "
-            f"initialised on: {shown}. Load the adapter onto the base model (and revision) it was trained from."
-        )
-        if policy == "raise":
-            raise BaseModelMismatchError(message)
-        warnings.warn(message, BaseModelMismatchWarning, stacklevel=2)
-    return mismatched
-
-
-def ensure_load_hooks(model: nn.Module) -> None:
-    """Check loads on ``model``: right after PEFT's ``load_state_dict``, and before the next forward for loaders
-    that assign tensors directly (transformers' ``load_adapter``). Called after every injection."""
-    model._geora_check_pending = True
-    if getattr(model, "_geora_hooks", None) is None:
-        model._geora_hooks = (
-            model.register_load_state_dict_post_hook(_post_load_hook),
-            model.register_forward_pre_hook(_pre_forward_hook),
-        )
-
-
-def _post_load_hook(module: nn.Module, incompatible_keys: object) -> None:
-    module._geora_check_pending = False
-    check_loaded_adapters(module)
-
-
-def _pre_forward_hook(module: nn.Module, args: object) -> None:
-    if module._geora_check_pending:
-        module._geora_check_pending = False
-        check_loaded_adapters(module)
