@@ -31,10 +31,22 @@ def test_ci_installs_as_the_readme_says_from_the_lock():
     assert "torch==" + pins["torch"] in installs[0]
 
 
-def test_readme_main_command_is_a_cli_subcommand():
-    from peft_geora_apps.cli import build_parser
+def test_readme_main_command_is_the_demo():
+    """The README's main command runs ``peft-geora demo`` with options the demo really has."""
+    import argparse
+
+    from peft_geora_apps import cli
 
     readme = (ROOT / "README.md").read_text()
     main = next(b.strip() for b in bash_blocks(readme) if b.strip().startswith("peft-geora "))
-    args = build_parser().parse_args(main.split()[1:])
-    assert callable(args.func)
+    argv = main.split()[1:]
+    assert argv and argv[0] == "demo", main
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    demo_options = set(subparsers.choices["demo"]._option_string_actions)
+    options = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("-")]
+    unknown = [option for option in options if option not in demo_options]
+    assert not unknown, f"not options of `peft-geora demo`: {unknown}"
+    args = parser.parse_args(argv)  # argparse exits on anything else it does not accept
+    assert args.command == "demo"
+    assert args.func is cli._demo
