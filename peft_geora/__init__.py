@@ -8,8 +8,10 @@ importing only the ones below it (``docs/architecture.md``):
 * :mod:`peft_geora.format`: the on-disk checkpoint format, base-weight fingerprints and the model card;
 * :mod:`peft_geora.tuner`: the PEFT tuner (config, layers, anchors, experts, quantized bases, distributed);
 * :mod:`peft_geora.sharing`: the LoRA export, ``push_to_hub`` and TRL's vLLM adapter sync;
-* :mod:`peft_geora.diagnostics`: spectral diagnostics of an update and the Trainer callback;
-* :mod:`peft_geora.apps`: the ``peft-geora`` command line, ``inspect``, the demo and its task.
+* :mod:`peft_geora.diagnostics`: spectral diagnostics of an update and the Trainer callback.
+
+The applications (the ``peft-geora`` command line, ``inspect``, the demo and its task) are the separate package
+:mod:`peft_geora_apps`.
 
 The public API is what this module exports (``docs/api.md``).
 """

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from ..format.checkpoint import (
 )
 from ..functional import truncate_product
 from ..tuner.anchor import effective_weight
-from ..tuner.config import GeoRAConfig, lora_scaling, pattern_value
+from ..tuner.config import GeoRAConfig, exact_pattern, lora_alpha_for, lora_scaling, pattern_value
 from ..tuner.layer import GeoRALayer
 
 logger = logging.getLogger(__name__)
@@ -119,16 +118,17 @@ def lora_config_dict(config: dict, ranks: dict[str, tuple[int, int]], rank: int 
         scaling = lora_scaling(r, pattern_value(config.get("alpha_pattern") or {}, name, base_alpha), rslora)
         if r_export != new_r:
             rank_pattern[name] = r_export
-        if not math.isclose(scaling * r_export, default_scaling * new_r, rel_tol=1e-12):
-            alpha_pattern[name] = scaling * r_export
+        alpha = lora_alpha_for(scaling, r_export, use_rslora=False)
+        if not math.isclose(alpha, lora_alpha_for(default_scaling, new_r, use_rslora=False), rel_tol=1e-12):
+            alpha_pattern[name] = alpha
     lora_config = {k: _jsonable(v) for k, v in config.items() if k in _LORA_FIELDS}
     lora_config.update(
         peft_type="LORA",
         r=new_r,
-        lora_alpha=default_scaling * new_r,
+        lora_alpha=lora_alpha_for(default_scaling, new_r, use_rslora=False),
         use_rslora=False,
-        rank_pattern={_exact_pattern(k): v for k, v in rank_pattern.items()},
-        alpha_pattern={_exact_pattern(k): v for k, v in alpha_pattern.items()},
+        rank_pattern={exact_pattern(k): v for k, v in rank_pattern.items()},
+        alpha_pattern={exact_pattern(k): v for k, v in alpha_pattern.items()},
         init_lora_weights=True,
     )
     return lora_config
@@ -139,11 +139,6 @@ def _pattern_key_and_experts(config: dict, module: str) -> tuple[str, int]:
     adapted parameter (the config's ``parameter_targets``) the parameter's name and E, else the module path and 1."""
     key, experts = (config.get("parameter_targets") or {}).get(module, (module, 1))
     return key, experts
-
-
-def _exact_pattern(name: str) -> str:
-    """A rank/alpha pattern key for this module (PEFT matches keys as regexes against the module name's end)."""
-    return re.escape(name)
 
 
 def write_lora_export(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +47,17 @@ def pattern_value(patterns: dict, module: str, default: float) -> float:
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """LoRA's scaling of a module: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r`` (PEFT's ``update_layer``)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_alpha_for(scaling: float, r: int, use_rslora: bool) -> float:
+    """The ``lora_alpha`` that gives ``scaling`` at rank ``r`` (the inverse of :func:`lora_scaling`)."""
+    return scaling * math.sqrt(r) if use_rslora else scaling * r
+
+
+def exact_pattern(module: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that matches ``module`` (PEFT matches keys as regexes against the
+    end of a module's name)."""
+    return re.escape(module)
 
 
 @dataclass

@@ -11,7 +11,6 @@ import contextlib
 import contextvars
 import logging
 import math
-import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +26,7 @@ from ..format.fingerprint import weight_fingerprint
 from ..functional import GeoRAFactors, decomposition_report, geora_decompose
 from .anchor import AnchoredA, AnchoredB
 from .bnb_weights import bnb_layer_kind, dequantized_weight
-from .config import GeoRAConfig, lora_scaling
+from .config import GeoRAConfig, exact_pattern, lora_alpha_for, lora_scaling
 from .distributed import broadcast_from_rank0, check_reachable, gathered, is_zero3_param
 from .init_runtime import advance, resolve_init_device
 
@@ -135,13 +134,13 @@ class GeoRALayer:
         limit = min(self.in_features, self.out_features)
         if r <= limit:
             return r, lora_alpha
-        alpha = lora_scaling(r, lora_alpha, config.use_rslora) * (math.sqrt(limit) if config.use_rslora else limit)
+        alpha = lora_alpha_for(lora_scaling(r, lora_alpha, config.use_rslora), limit, config.use_rslora)
         logger.warning(
             "GeoRA: rank r=%d is larger than min(out, in)=%d of target module '%s' (%d x %d); this layer gets "
             "rank %d, with lora_alpha %.6g to keep its scaling",
             r, limit, target_name, self.out_features, self.in_features, limit, alpha,
         )  # fmt: skip
-        pattern = re.escape(target_name)
+        pattern = exact_pattern(target_name)
         config.rank_pattern = {**(config.rank_pattern or {}), pattern: limit}
         config.alpha_pattern = {**(config.alpha_pattern or {}), pattern: alpha}
         return limit, alpha
