@@ -17,7 +17,7 @@ FORMAT_BONUS = 0.1
 _NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?![\d,])|(?<![\w.])-?\d+(?:\.\d+)?")
 _ONLY_NUMBER = re.compile(r"^\s*-?\d[\d,]*(?:\.\d+)?\s*\.?\s*$")
 
-# name -> (operator, digits of a, digits of b)
+# name -> (operator, digits of a, digits of b); "max" asks which of the two numbers is larger
 TASKS: dict[str, tuple[str, int, int]] = {
     "add_1x1": ("+", 1, 1),
     "add_2x1": ("+", 2, 1),
@@ -26,6 +26,8 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "sub_1x1": ("-", 1, 1),
     "sub_2x1": ("-", 2, 1),
     "mul_1x1": ("*", 1, 1),
+    "max_2x2": ("max", 2, 2),
+    "max_3x3": ("max", 3, 3),
 }
 # The demo's training mix: the base model is sometimes right on it, so GRPO gets a signal.
 TRAIN_MIX = ("add_1x1", "add_2x1")
@@ -42,7 +44,9 @@ class Problem:
 
     @property
     def question(self) -> str:
-        op = {"+": "+", "-": "-", "*": "*"}[TASKS[self.task][0]]
+        op = TASKS[self.task][0]
+        if op == "max":
+            return f"Which number is larger, {self.a} or {self.b}? {INSTRUCTION}"
         return f"What is {self.a} {op} {self.b}? {INSTRUCTION}"
 
     def messages(self) -> list[dict[str, str]]:
@@ -79,7 +83,7 @@ def make_problems(
             continue
         if distinct:
             seen.add(key)
-        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        answer = {"+": a + b, "-": a - b, "*": a * b, "max": max(a, b)}[op]
         problems.append(Problem(task, a, b, answer))
     return problems
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +39,30 @@ from peft_geora_apps.tasks import (  # noqa: E402
     to_dataset,
 )
 
-OOD_TASKS = {"longer_numbers": ("add_2x2",), "held_out_operation": ("sub_1x1",)}
+# task -> (training mix, out-of-domain sets {name: tasks}); the base model is right on part of each training mix
+TASK_SETS = {
+    "addition": (TRAIN_MIX, {"longer_numbers": ("add_2x2",), "held_out_operation": ("sub_1x1",)}),
+    "comparison": (("max_2x2",), {"longer_numbers": ("max_3x3",)}),
+}
+# LoRA at rank 1 on all linear layers: the recipe of TRL's "LoRA Without Regret" guide for GRPO
+RANK_1 = dict(r=1, lora_alpha=32)
+
+
+def source_commit() -> str:
+    """The commit the run's code comes from, with ``+dirty`` when the working tree differs from it."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "peft_geora", "benchmarks/rlvr"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def method_config(method: str, r: int, alpha: int):  # noqa: ANN201
@@ -48,6 +73,7 @@ def method_config(method: str, r: int, alpha: int):  # noqa: ANN201
     configs = {
         "geora": lambda: GeoRAConfig(**common),
         "lora": lambda: LoraConfig(**common),
+        "lora_r1": lambda: LoraConfig(**{**common, **RANK_1}),
         "pissa": lambda: LoraConfig(**common, init_lora_weights="pissa_niter_4"),
         "milora": lambda: GeoRAConfig(**common, priors="none", components="tail"),
         "geora_no_spectral": lambda: GeoRAConfig(**common, priors="euclidean"),
@@ -70,6 +96,10 @@ def evaluate(model, tokenizer, sets: dict, kl_batch: dict, base_logits: torch.Te
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", required=True)
+    parser.add_argument("--task", default="addition", choices=sorted(TASK_SETS))
+    parser.add_argument(
+        "--val-size", type=int, default=0, help="also a validation split of this size, disjoint from train and test"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, required=True)
     parser.add_argument("--steps", type=int, default=20)
@@ -93,9 +123,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_default_model(args.model, device=args.device)
-    train, test = split(TRAIN_MIX, args.steps * args.prompts_per_step, args.eval_size, seed=args.seed)
+    mix, ood = TASK_SETS[args.task]
+    train, test = split(mix, args.steps * args.prompts_per_step, args.eval_size, seed=args.seed)
     sets = {"in_domain": test}
-    sets.update({name: make_problems(tasks, args.eval_size, seed=99) for name, tasks in OOD_TASKS.items()})
+    if args.val_size:  # drawn apart from the test set; the training prompts avoid both
+        held_out = {(p.task, p.a, p.b) for p in test}
+        validation = make_problems(mix, args.val_size, seed=args.seed + 20_000, exclude=held_out)
+        held_out |= {(p.task, p.a, p.b) for p in validation}
+        n_train = args.steps * args.prompts_per_step
+        train = make_problems(mix, n_train, seed=args.seed, exclude=held_out, distinct=False)
+        sets["validation"] = validation
+    sets.update({name: make_problems(tasks, args.eval_size, seed=99) for name, tasks in ood.items()})
     kl_batch = continuation_batch(model, tokenizer, GENERAL_PROMPTS)
     base_logits = logits_on(model, kl_batch)
     cache = Path(args.before_cache) if args.before_cache else None
@@ -108,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     weights_before = effective_linear_weights(model)
 
     grpo = GRPOConfig(
-        output_dir=str(Path(args.out).with_suffix("")) + "_trainer",
+        output_dir=tempfile.mkdtemp(prefix="rlvr_trainer_"),  # nothing is saved there (save_strategy="no")
         max_steps=args.steps,
         per_device_train_batch_size=args.prompts_per_step * args.num_generations,
         num_generations=args.num_generations,
@@ -141,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     history = trainer.state.log_history
     result = {
         "method": args.method,
+        "task": args.task,
+        "commit": source_commit(),
+        "torch_threads": torch.get_num_threads(),
         "seed": args.seed,
         "learning_rate": args.learning_rate,
         "settings": vars(args),
