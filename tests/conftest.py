@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny decoder models built from configs (no downloads) and the real SmolLM2, loaded once."""
+"""Shared fixtures and helpers of every test package: tiny decoder models built from configs (no downloads), the
+real SmolLM2 (loaded once), a saved trained adapter, an intercepted Hub, and a guard against decompositions."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 import peft_geora  # noqa: F401  (registers GeoRA with PEFT)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ROOT = Path(__file__).resolve().parent.parent
 
 VOCAB = 96
 
@@ -75,3 +80,89 @@ def full_factors(layer, adapter: str = "default") -> tuple[torch.Tensor, ...]:
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
     a0, b0 = lora_a.anchor.float(), lora_b.anchor.float()
     return (a0 + lora_a.delta.float()).detach(), a0, (b0 + lora_b.delta.float()).detach(), b0
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def trained_geora(config=None, seed: int = 0, dtype=torch.float32):
+    """A GeoRA model (default ``GeoRAConfig(r=4)``) whose factors moved away from the anchors (as after training)."""
+    from peft import get_peft_model
+
+    from peft_geora import GeoRAConfig
+
+    model = get_peft_model(make_tiny_model("llama", dtype=dtype), config or GeoRAConfig(r=4))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """``(folder, inputs, logits)``: a trained GeoRA adapter (r=4, dropout 0.1) saved with ``save_pretrained``."""
+    from peft_geora import GeoRAConfig
+
+    model = trained_geora(GeoRAConfig(r=4, lora_dropout=0.1))
+    inputs = tiny_inputs()
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", inputs, expected
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Intercept the Hub API: record repo creation and the files of each commit, no network."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoUrl
+
+    calls = {"repos": [], "files": {}}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["repos"].append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            source = op.path_or_fileobj
+            calls["files"][op.path_in_repo] = Path(source).read_bytes() if isinstance(source, str) else source
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return calls
+
+
+def card_and_config(files: dict) -> tuple[str, dict]:
+    """The model card and the adapter config among the files a (recorded) Hub commit uploaded."""
+    return files["README.md"].decode(), json.loads(files["adapter_config.json"])
+
+
+@pytest.fixture
+def no_decomposition(monkeypatch):
+    """Make every SVD entry point raise: loading must not decompose anything."""
+    import peft_geora.functional as functional
+    import peft_geora.tuner.layer as layer
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a decomposition ran during loading")
+
+    for module, name in [(layer, "geora_decompose"), (functional, "geora_decompose"), (functional, "truncated_svd")]:
+        monkeypatch.setattr(module, name, boom)
+    monkeypatch.setattr(torch.linalg, "svd", boom)
+
+
+def train_steps(model, inputs, steps: int = 3, lr: float = 1e-2) -> None:
+    """A few AdamW steps of the language-model loss on ``inputs`` (the trainable parameters only); leaves eval mode."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        out = model(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()

@@ -2,7 +2,7 @@
 
 Everything fits the tiny decoders of ``tests/conftest.py`` (vocabulary of ``VOCAB`` = 96 ids, special ids 0-3 as in
 ``LlamaConfig``'s defaults), so a GRPO step on CPU takes well under a second. Import these helpers from other test
-modules of the ``tests`` package: ``from .grpo_utils import make_grpo_trainer``.
+modules of the ``tests`` package: ``from ..grpo_utils import make_grpo_trainer``.
 """
 
 from __future__ import annotations
@@ -95,3 +95,8 @@ def make_grpo_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+
+
+def kl_per_step(trainer: GRPOTrainer) -> list[float]:
+    """The KL to the reference that GRPOTrainer logged at each step (``beta > 0``)."""
+    return [float(entry["kl"]) for entry in trainer.state.log_history if "kl" in entry]

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
-from peft.utils.other import transpose
+from peft import get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from peft_geora import GeoRAConfig
@@ -19,62 +14,9 @@ from peft_geora.diagnostics import s_head, update_diagnostics
 from peft_geora_apps.cli import main
 from peft_geora_apps.inspect_adapter import inspect_adapter
 
-from .conftest import make_tiny_model
-from .grpo_utils import one_torch_thread
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-def _perturb(model: torch.nn.Module, names: tuple[str, ...], scale: float, seed: int = 0) -> None:
-    """Stand-in for training: move the trainable factors so that dW != 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if any(part in name for part in names):
-                param.add_(scale * torch.randn(param.shape, generator=gen))
-
-
-def _expected(model: torch.nn.Module, top_k: int = 16) -> dict[str, dict[str, float]]:
-    """The diagnostics computed directly on the in-memory PeftModel, keyed like the CLI's module column."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            with torch.no_grad():
-                weight = transpose(module.get_base_layer().weight, module.fan_in_fan_out)
-                delta = transpose(module.get_delta_weight("default"), module.fan_in_fan_out)
-            stats = update_diagnostics(weight, delta, top_k)
-            out[name.removeprefix("base_model.model.")] = stats
-    return out
-
-
-def _saved(tmp_path, base_model, config, names, scale, folder):
-    base_dir = tmp_path / "base"
-    if not base_dir.exists():
-        base_model.save_pretrained(base_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
-    _perturb(model, names, scale)
-    model.save_pretrained(tmp_path / folder)
-    return model, base_dir, tmp_path / folder
-
-
-@pytest.fixture
-def geora_adapter(tmp_path):
-    config = GeoRAConfig(r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 16})
-    return _saved(tmp_path, make_tiny_model(), config, ("delta",), 0.01, "geora")
-
-
-@pytest.fixture
-def lora_adapter(tmp_path):
-    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear")
-    return _saved(tmp_path, make_tiny_model(), config, ("lora_B",), 0.01, "lora")
-
-
-def _table(text: str) -> dict[str, list[str]]:
-    return {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("model.layers.")}
+from ..conftest import tiny_inputs
+from ..moe_models import build, geora_config, perturb, wrappers
+from .conftest import expected_diagnostics, saved_adapter, table_rows
 
 
 def test_geora_table_png_and_json_match_direct_diagnostics(geora_adapter, tmp_path, capsys):
@@ -82,8 +24,8 @@ def test_geora_table_png_and_json_match_direct_diagnostics(geora_adapter, tmp_pa
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
     png, js = tmp_path / "heat.png", tmp_path / "rows.json"
     assert main(["inspect", str(adapter_dir), "--png", str(png), "--json", str(js)]) == 0  # base from the config
-    expected = _expected(model)
-    table = _table(capsys.readouterr().out)
+    expected = expected_diagnostics(model)
+    table = table_rows(capsys.readouterr().out)
     assert set(table) == set(expected) and len(table) == 14
     for module, cells in table.items():
         assert cells[1] == "geora"
@@ -100,8 +42,8 @@ def test_geora_table_png_and_json_match_direct_diagnostics(geora_adapter, tmp_pa
 def test_lora_adapter_with_explicit_base_and_top_k(lora_adapter, capsys):
     model, base_dir, adapter_dir = lora_adapter
     assert main(["inspect", str(adapter_dir), "--base", str(base_dir), "--top-k", "1"]) == 0
-    expected = _expected(model, top_k=1)
-    table = _table(capsys.readouterr().out)
+    expected = expected_diagnostics(model, top_k=1)
+    table = table_rows(capsys.readouterr().out)
     assert set(table) == set(expected)
     for module, cells in table.items():
         assert cells[1] == "lora"
@@ -114,9 +56,9 @@ def test_gpt2_conv1d_adapter_is_transposed_right(tmp_path):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config)
     geora = GeoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"])
-    model, base_dir, adapter_dir = _saved(tmp_path, base, geora, ("delta",), 0.01, "gpt2")
+    model, base_dir, adapter_dir = saved_adapter(tmp_path, base, geora, ("delta",), 0.01, "gpt2")
     rows, _ = inspect_adapter(adapter_dir, base=base_dir)
-    expected = _expected(model)
+    expected = expected_diagnostics(model)
     assert {r["module"] for r in rows} == set(expected) and rows[0]["shape"] in {(96, 32), (128, 32)}
     for row in rows:
         assert row["s_head"] == pytest.approx(expected[row["module"]]["s_head"], rel=1e-5, abs=1e-7)
@@ -138,19 +80,6 @@ def _other_base(tmp_path):
     folder = tmp_path / "other_base"
     AutoModelForCausalLM.from_config(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
     return folder
-
-
-def test_subprocess_cli(geora_adapter, tmp_path):
-    model, base_dir, adapter_dir = geora_adapter
-    png = tmp_path / "sub.png"
-    command = [sys.executable, "-m", "peft_geora_apps.cli", "inspect", str(adapter_dir), "--base", str(base_dir)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # see one_torch_thread
-    result = subprocess.run(command + ["--png", str(png)], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr
-    table = _table(result.stdout)
-    q_proj = "model.layers.1.self_attn.q_proj"
-    assert float(table[q_proj][6]) == pytest.approx(_expected(model)[q_proj]["s_head"], rel=1e-4)
-    assert png.stat().st_size > 5000
 
 
 def test_s_head_column_changes_with_top_k(geora_adapter):
@@ -190,8 +119,6 @@ def test_png_without_matplotlib_says_what_to_install_before_any_work(geora_adapt
 
 def _train_a_little(model: torch.nn.Module, steps: int = 3) -> None:
     """A few AdamW steps on a language-model loss (every expert sees tokens with top-2 routing of 4 experts)."""
-    from .conftest import tiny_inputs
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     model.train()
@@ -205,8 +132,6 @@ def _train_a_little(model: torch.nn.Module, steps: int = 3) -> None:
 
 def _per_expert_expected(model, top_k: int = 16) -> dict[str, dict[str, float]]:
     """update_diagnostics on each expert's W_e, dW_e (out x in), from the in-memory PeftModel, by hand."""
-    from .test_experts import wrappers
-
     out = {}
     for key, wrapper in wrappers(model).items():
         if wrapper.num_experts == 1:
@@ -223,8 +148,6 @@ def _per_expert_expected(model, top_k: int = 16) -> dict[str, dict[str, float]]:
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "mixtral"])
 def test_stacked_experts_are_analysed_per_expert(arch, tmp_path, capsys, monkeypatch):
     import peft_geora_apps.inspect_adapter as inspect_module
-
-    from .test_experts import build, geora_config, perturb, wrappers
 
     build(arch).save_pretrained(tmp_path / "base")  # Qwen3-MoE / Mixtral: saved per expert, gpt-oss: stacked
     model = get_peft_model(build(arch), geora_config(arch))
@@ -267,11 +190,22 @@ def test_stacked_experts_are_analysed_per_expert(arch, tmp_path, capsys, monkeyp
     js = tmp_path / "rows.json"
     assert main(["inspect", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--json", str(js)]) == 0
     out = capsys.readouterr().out
-    table = _table(out)
+    table = table_rows(out)
     gate_up = "model.layers.0.mlp.experts.gate_up_proj"
     assert gate_up in table and f"{gate_up}[1]" in table and f"{gate_up}[2]" not in table
     assert "at most 2 experts per parameter" in out and "mean mlp.experts.gate_up_proj" in out
     assert {row["module"] for row in json.loads(js.read_text())} == set(by_module)
+
+
+def test_inspect_analyses_the_stacked_experts(tmp_path, capsys):
+    build("qwen3_moe").save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(build("qwen3_moe"), geora_config("qwen3_moe"))
+    perturb(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert main(["inspect", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")]) == 0
+    out = capsys.readouterr().out
+    assert "4 parameters of stacked experts analysed expert by expert" in out and "model.layers.0.mlp.gate " in out
+    assert "model.layers.0.mlp.experts.gate_up_proj[3] " in out  # per expert: see the test above
 
 
 def test_square_experts_orientation_comes_from_the_model_type():

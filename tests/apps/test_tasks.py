@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from peft_geora_apps.demo import format_curve, reward_curve
 from peft_geora_apps.tasks import (
     FORMAT_BONUS,
     TASKS,
@@ -95,10 +94,3 @@ def test_dataset_has_the_columns_trl_expects():
     dataset = to_dataset(make_problems(("add_1x1",), 4, seed=0))
     row = dataset[0]
     assert row["prompt"][0]["role"] == "user" and isinstance(row["answer"], int)
-
-
-def test_reward_curve_from_trainer_logs():
-    history = [{"reward": 0.25, "loss": 0.1}, {"loss": 0.2}, {"reward": 0.75}, {"train_runtime": 3.0}]
-    assert reward_curve(history) == [0.25, 0.75]
-    lines = format_curve([0.0, 1.1]).splitlines()
-    assert lines[0].endswith("0.00  ") and lines[1].count("#") == 40

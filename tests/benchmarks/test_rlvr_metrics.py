@@ -12,7 +12,7 @@ from benchmarks.rlvr.probes import RETAINED_SKILL, skill_correct
 from benchmarks.rlvr.run_one import method_config
 from peft_geora import GeoRAConfig
 
-from .conftest import make_tiny_model
+from ..conftest import make_tiny_model
 
 
 def test_token_kl_known_values():

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import ROOT
+
 pytestmark = pytest.mark.slow
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def run_script(name: str, args: list[str], out: Path) -> dict:

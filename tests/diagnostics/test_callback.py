@@ -14,8 +14,9 @@ from peft_geora import GeoRAConfig
 from peft_geora.diagnostics import update_diagnostics
 from peft_geora.diagnostics.callback import GeoRADiagnosticsCallback, adapted_layers, stratified_subset
 
-from .conftest import make_tiny_model
-from .grpo_utils import make_grpo_trainer, one_torch_thread
+from ..conftest import make_tiny_model
+from ..grpo_utils import make_grpo_trainer, one_torch_thread
+from ..moe_models import build, geora_config, perturb, wrappers
 
 TYPES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj")
 AGGREGATES = ("geora/s_head", "geora/spectral_shift", "geora/principal_angle", "geora/relative_norm")
@@ -131,8 +132,6 @@ def _expert_pairs(wrapper, adapter: str = "default") -> tuple[torch.Tensor, torc
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 def test_stacked_experts_are_measured_per_expert(arch):
-    from .test_experts import build, geora_config, perturb, wrappers
-
     model = get_peft_model(build(arch), geora_config(arch))
     perturb(model)
     callback = GeoRADiagnosticsCallback(max_layers=None)
@@ -169,8 +168,6 @@ def test_stacked_experts_are_measured_per_expert(arch):
 
 def test_trainer_logs_expert_metrics(tmp_path):
     from transformers import Trainer, TrainingArguments
-
-    from .test_experts import build
 
     model = get_peft_model(build("qwen3_moe"), GeoRAConfig(r=4))
     gen = torch.Generator().manual_seed(0)

@@ -20,7 +20,7 @@ from peft_geora.diagnostics import (
     weight_spectrum,
 )
 
-from .conftest import make_tiny_model
+from ..conftest import make_tiny_model
 
 OUT, IN, K = 80, 60, 8
 

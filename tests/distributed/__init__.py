@@ -1,1 +1,1 @@
-"""Workers and test-only helpers for tests/test_distributed.py (launched in subprocesses, not collected)."""
+"""Workers and test-only helpers for tests/integration/test_distributed*.py (run in subprocesses, not collected)."""

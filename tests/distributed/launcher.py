@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def zero3_test_config(tmp: Path, **overrides: Any) -> Path:
-    """examples/multi_gpu/zero3.json plus the two test-only keys (see tests/test_distributed.py) and ``overrides``.
+    """examples/multi_gpu/zero3.json, the two test-only keys (tests/integration/test_distributed.py), ``overrides``.
 
     ``stage3_param_persistence_threshold: 0``: else ZeRO-3 keeps these tiny weights unpartitioned.
     ``zero_allow_untested_optimizer: true``: DeepSpeed's CPU build has no fused Adam; torch's AdamW is used.

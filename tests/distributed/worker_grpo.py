@@ -1,4 +1,4 @@
-"""One rank of a two-process GeoRA run under DDP, FSDP2 or DeepSpeed ZeRO-3 (launched by tests/test_distributed.py).
+"""One rank of a two-process GeoRA run under DDP, FSDP2 or ZeRO-3 (tests/integration/test_distributed.py).
 
 Launched with ``accelerate launch --config_file examples/multi_gpu/<engine>.yaml``: the configs users copy. Steps:
 
@@ -228,7 +228,7 @@ def run(engine: str, model_dir: str, out_dir: Path) -> dict[str, Any]:
     try:
         with peft_model.disable_adapter():
             result["engine_disabled_vs_base"] = max_diff(logits(peft_model), base_logits)
-    except Exception as exc:  # noqa: BLE001  (ZeRO-3: see tests/test_distributed.py)
+    except Exception as exc:  # noqa: BLE001  (ZeRO-3: see tests/integration/test_distributed.py)
         result["engine_disabled_error"] = f"{type(exc).__name__}: {exc}"
 
     # 4. save (trainer.save_model gathers; rank 0 writes), then reload and check on plain models

@@ -1,4 +1,4 @@
-"""One rank of a two-process GeoRA run on a tiny Qwen3-MoE under DeepSpeed ZeRO-3 or FSDP2 (tests/test_distributed.py).
+"""One rank of a two-process GeoRA run on a tiny Qwen3-MoE, ZeRO-3 or FSDP2 (tests/integration/test_distributed.py).
 
 Launched with ``accelerate launch --config_file examples/multi_gpu/<engine>.yaml`` (tests/distributed/launcher.py,
 with the test-only ZeRO-3 keys). ``GeoRAConfig(r=4)``: "all-linear" on Qwen3-MoE targets the attention projections,

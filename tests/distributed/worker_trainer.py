@@ -5,11 +5,12 @@ The adapter is applied with ``get_peft_model`` before the ``Trainer`` (a plain T
 data are fixed-length random token sequences (no padding, so every rank's loss averages the same number of tokens).
 Tasks (``--task``):
 
-* ``precision`` (tests/test_distributed_precision.py): ``bf16=True`` under the engine, for GeoRA and for LoRA in
-  turn, then single-process references trained on the same global batches from the same initial state: all float32
-  (``fp32``), and the engine's bf16 base with the adapter kept in float32 (``bf16_base``).
-* ``train`` (tests/test_distributed.py, FSDP2, float32): GeoRA for 3 steps with a checkpoint per step; writes the final
-  adapter, and checks the engine against a single-process float32 reference (the machinery of ``precision``).
+* ``precision`` (tests/integration/test_distributed_precision.py): ``bf16=True`` under the engine, for GeoRA and for
+  LoRA in turn, then single-process references trained on the same global batches from the same initial state: all
+  float32 (``fp32``), and the engine's bf16 base with the adapter kept in float32 (``bf16_base``).
+* ``train`` (tests/integration/test_distributed.py, FSDP2, float32): GeoRA for 3 steps with a checkpoint per step;
+  writes the final adapter, and checks the engine against a single-process float32 reference (the machinery of
+  ``precision``).
 * ``resume``: a new launch resumes from the ``train`` run's ``checkpoint-2`` for the third step, with the base-weight
   check set to ``"raise"``; then the check on a sharded (DCP) save and load, and on a base changed under it.
 

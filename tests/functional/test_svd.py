@@ -1,72 +1,19 @@
-"""The fast initialisation path: it matches the exact path, selects exact thresholds, and is reproducible."""
+"""The SVD solvers (LAPACK, Gram matrix, seeded block Krylov) and ``truncate_product``: the fast solvers capture the
+exact top-r, fall back to LAPACK where they must, and the truncation of a product is the dense SVD's."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 import peft_geora.functional as F
-import peft_geora.functional.selection as selection
 import peft_geora.functional.svd as svd
-from peft_geora.functional import (
-    geora_decompose,
-    geora_masks,
-    gram_svd,
-    krylov_svd,
-    kth_smallest,
-    magnitude_threshold,
-    quantile_rank,
-    truncated_svd,
-)
+from peft_geora.functional import gram_svd, krylov_svd, magnitude_threshold, truncate_product, truncated_svd
 
-QUALITY = 0.999  # captured energy of the fast top-r against the exact top-r of the same matrix
+from .matrices import KRYLOV_SHAPES, QUALITY, captured, trained_like
 
 
-def student_t(shape: tuple[int, int], gen: torch.Generator, df: int = 3) -> torch.Tensor:
-    """Heavy-tailed noise from a private generator: normal / sqrt(chi2_df / df)."""
-    chi2 = torch.randn(df, *shape, generator=gen).square().sum(0)
-    return torch.randn(shape, generator=gen) / (chi2 / df).sqrt()
-
-
-def trained_like(shape: tuple[int, int], seed: int) -> torch.Tensor:
-    """Low rank with a decaying spectrum plus heavy-tailed (Student-t) noise, like a trained weight."""
-    gen = torch.Generator().manual_seed(seed)
-    out, inp = shape
-    scales = torch.logspace(0, -1.5, 24)
-    low = (torch.randn(out, 24, generator=gen) * scales) @ torch.randn(24, inp, generator=gen)
-    return low / math.sqrt(inp) + student_t(shape, gen) * 0.015
-
-
-def exact_top_energy(matrix: torch.Tensor, r: int) -> float:
-    return float(torch.linalg.svdvals(matrix.double())[:r].square().sum())
-
-
-def captured(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, matrix: torch.Tensor, r: int) -> float:
-    """``||U S V^T||_F^2`` over the exact top-r energy of ``matrix``."""
-    return float(((u.double() * s.double()) @ vh.double()).square().sum()) / exact_top_energy(matrix, r)
-
-
-# min(shape) above GRAM_LIMIT, so 'auto' runs the Krylov solver; both orientations and a square one
-SHAPES = [(640, 288), (288, 640), (320, 320)]
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_fast_path_factors_capture_the_exact_top_r_of_w_geo(shape):
-    torch.manual_seed(0)
-    w = trained_like(shape, seed=sum(shape))
-    assert min(shape) > F.GRAM_LIMIT
-    dec = geora_decompose(w, 16)  # the defaults: solver 'auto' -> Krylov
-    w_geo = w * (dec.masks.spectral | dec.masks.euclidean)
-    b0a0 = dec.factors.B.double() @ dec.factors.A.double()  # paper convention: U S V^T
-    assert float(b0a0.square().sum()) / exact_top_energy(w_geo, 16) >= QUALITY
-    # and the exact path on the same matrix gives the same product up to the (tiny) missing energy
-    exact = geora_decompose(w, 16, svd_solver="exact")
-    assert torch.equal(exact.masks.euclidean, dec.masks.euclidean)  # thresholds are exact in both
-
-
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", KRYLOV_SHAPES)
 def test_krylov_solver_on_a_flat_masked_spectrum(shape):
     """A masked random matrix has a flat top spectrum (sigma_17 ~ sigma_16), where plain subspace iteration stalls."""
     gen = torch.Generator().manual_seed(3)
@@ -183,168 +130,27 @@ def test_exact_solver_is_still_available_and_matches_lapack():
     assert torch.equal(tail[1], se[-4:])
 
 
-# ---------------------------------------------------------------- selection
+@pytest.mark.parametrize("k", [1, 3, 6, 9])
+def test_truncate_product_is_the_dense_svd_truncation(k):
+    gen = torch.Generator().manual_seed(0)
+    b, a = torch.randn(50, 6, generator=gen), torch.randn(6, 40, generator=gen)
+    b_k, a_k, rel_err = truncate_product(b, a, k)
+    dense = b.double() @ a.double()
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    kept = min(k, 6)
+    best = (u[:, :kept] * s[:kept]) @ vh[:kept]
+    assert b_k.shape == (50, kept) and a_k.shape == (kept, 40) and b_k.dtype == torch.float32
+    torch.testing.assert_close((b_k @ a_k).double(), best, rtol=1e-5, atol=1e-5)
+    expected = float(s[kept:].square().sum().sqrt() / s.square().sum().sqrt())
+    assert abs(rel_err - expected) <= 1e-9 + 1e-6 * expected
+    torch.testing.assert_close(b_k.norm(dim=0), a_k.norm(dim=1))  # sqrt(S) on both sides
 
 
-def sorted_kth(values: torch.Tensor, k: int) -> torch.Tensor:
-    return values.reshape(-1).sort().values[k - 1]
-
-
-def test_kth_smallest_matches_sort_above_one_million_entries_with_ties():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1200, 1000, generator=gen)  # 1.2M entries: the bracketing path
-    x[::3, ::5] = 0.25  # many ties, some right at quantiles
-    x[5, :] = -0.0
-    x[7, :] = 0.0
-    n = x.numel()
-    assert n > selection._DIRECT_SELECT_LIMIT
-    for k in (1, 2, 1000, quantile_rank(0.2, n), n // 2, quantile_rank(0.8, n), n - 1, n):
-        assert kth_smallest(x, k).item() == sorted_kth(x, k).item(), k
-
-
-def test_kth_smallest_on_magnitudes_gives_sort_based_masks():
-    w = student_t((1100, 1000), torch.Generator().manual_seed(2)) * 0.02
-    w[::11] = 0.01  # ties at many magnitudes
-    mags = w.abs()
-    for rho in (0.2, 0.05, 0.5):
-        k = quantile_rank(rho, mags.numel())
-        tau = magnitude_threshold(w, rho)
-        assert tau.item() == sorted_kth(mags, k).item()
-        assert torch.equal(mags <= tau, mags <= sorted_kth(mags, k))
-        assert int((mags <= tau).sum()) >= k > int((mags < tau).sum())
-
-
-def test_masks_equal_a_sort_based_reference_on_a_large_matrix():
-    w = trained_like((1100, 1000), seed=4)  # 1.1M entries
-    masks = geora_masks(w, rho=0.2, spectral_rank=16, svd_solver="exact")
-    mags = w.abs()
-    k = quantile_rank(0.2, w.numel())
-    assert torch.equal(masks.euclidean, mags <= sorted_kth(mags, k))
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    w_k = ((u[:, :16] * s[:16]) @ vh[:16]).abs()
-    assert torch.equal(masks.spectral, w_k <= sorted_kth(w_k, k))
-
-
-def test_kth_smallest_exact_when_the_bracket_misses(monkeypatch):
-    """A zero-width bracket almost always misses: the fallback must still be exact."""
-    monkeypatch.setattr(selection, "_SELECT_SIGMAS", 0.0)
-    gen = torch.Generator().manual_seed(3)
-    x = torch.rand(300_000, generator=gen)
-    for k in (17, 60_000, 150_001, 299_990):
-        for seed in range(3):
-            assert kth_smallest(x, k, seed=seed).item() == sorted_kth(x, k).item()
-
-
-def test_sort_based_selection_of_the_gpu_path_is_exact(monkeypatch):
-    """The GPU reads order statistics off a sort (``SORT_SELECT_DEVICES``); run here on the CPU, it must agree."""
-    monkeypatch.setattr(selection, "SORT_SELECT_DEVICES", ("cpu",))
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(1200, 1000, generator=gen).abs()
-    x[::3, ::5] = 0.25  # ties
-    n = x.numel()
-    for k in (1, 1000, quantile_rank(0.2, n), n // 2, n):
-        assert kth_smallest(x, k).item() == sorted_kth(x, k).item(), k
-    small = torch.rand(1000, generator=gen)
-    assert kth_smallest(small, 17).item() == sorted_kth(small, 17).item()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_path_matches_the_cpu_thresholds_and_meets_the_quality_target():
-    w = trained_like((1100, 700), seed=8)
-    k = quantile_rank(0.2, w.numel())
-    assert kth_smallest(w.abs().cuda(), k).item() == sorted_kth(w.abs(), k).item()
-    dec = geora_decompose(w.cuda(), 16)
-    assert torch.equal(dec.masks.euclidean.cpu(), geora_decompose(w, 16).masks.euclidean)
-    w_geo = w * (dec.masks.spectral | dec.masks.euclidean).cpu()
-    energy = float((dec.factors.B.double() @ dec.factors.A.double()).square().sum())
-    assert energy >= QUALITY * exact_top_energy(w_geo, 16)
-    again = geora_decompose(w.cuda(), 16)  # reproducible on the device too
-    assert torch.equal(again.factors.A, dec.factors.A) and torch.equal(again.factors.B, dec.factors.B)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int32])
-def test_kth_smallest_other_dtypes(dtype):
-    gen = torch.Generator().manual_seed(4)
-    x = (torch.randn(200_000, generator=gen) * 100).to(dtype)
-    for k in (1, 40_000, 123_457, 200_000):
-        assert kth_smallest(x, k).item() == sorted_kth(x, k).item()
-
-
-def test_kth_smallest_in_chunks_is_exact_and_leaves_the_input_alone(monkeypatch):
-    """The bracketing passes run in chunks (bounded scratch); several chunks must give the same exact answer."""
-    monkeypatch.setattr(selection, "_SELECT_CHUNK", 50_000)
-    x = torch.rand(500, 400, generator=torch.Generator().manual_seed(7))
-    x[::7] = 0.5  # ties
-    before = x.clone()
-    for k in (1, 17, quantile_rank(0.2, x.numel()), 100_000, x.numel()):
-        assert kth_smallest(x, k).item() == sorted_kth(x, k).item(), k
-    assert torch.equal(x, before)
-    with pytest.raises(ValueError, match="k must lie"):
-        kth_smallest(x, 0)
-
-
-def test_masks_and_w_geo_do_not_depend_on_the_chunking(monkeypatch):
-    w = trained_like((640, 288), seed=12)
-    whole = {p: geora_decompose(w, 16, priors=p) for p in ("union", "spectral", "euclidean")}
-    monkeypatch.setattr(selection, "_SELECT_CHUNK", 10_000)
-    for priors, expected in whole.items():
-        chunked = geora_decompose(w, 16, priors=priors)
-        assert torch.equal(chunked.masks.spectral, expected.masks.spectral)
-        assert torch.equal(chunked.masks.euclidean, expected.masks.euclidean)
-        assert torch.equal(chunked.factors.A, expected.factors.A)
-        assert torch.equal(chunked.factors.B, expected.factors.B)
-
-
-# ---------------------------------------------------------------- reproducibility
-
-
-def test_same_seed_gives_bitwise_the_same_factors_whatever_the_global_rng():
-    w = trained_like((640, 288), seed=21)
-    torch.manual_seed(0)
-    first = geora_decompose(w, 16, svd_seed=7)
-    torch.manual_seed(12345)
-    torch.rand(1000)  # move the global generator
-    second = geora_decompose(w, 16, svd_seed=7)
-    assert torch.equal(first.factors.A, second.factors.A) and torch.equal(first.factors.B, second.factors.B)
-    assert torch.equal(first.masks.spectral, second.masks.spectral)
-    assert torch.equal(first.masks.euclidean, second.masks.euclidean)
-    other = geora_decompose(w, 16, svd_seed=8)
-    assert not torch.equal(other.factors.A, first.factors.A)
-    w_geo = w * (other.masks.spectral | other.masks.euclidean)
-    assert float((other.factors.B.double() @ other.factors.A.double()).square().sum()) >= QUALITY * exact_top_energy(
-        w_geo, 16
-    )
-
-
-def test_global_rng_is_not_consumed():
-    w = trained_like((640, 288), seed=22)
-    torch.manual_seed(3)
-    expected = torch.rand(4)
-    torch.manual_seed(3)
-    geora_decompose(w, 16)
-    kth_smallest(torch.rand(300_000, generator=torch.Generator().manual_seed(0)), 1000)
-    assert torch.equal(torch.rand(4), expected)
-
-
-@pytest.mark.slow
-def test_smollm2_layers_meet_the_quality_target(smollm2_path):
-    """The real target: on SmolLM2, every projection type of the first and last layer captures >= 0.999."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(smollm2_path / "model.safetensors"))
-    names = [k for k in weights if k.endswith("proj.weight") and (".layers.0." in k or ".layers.29." in k)]
-    assert len(names) == 14
-    for name in names:
-        w = weights[name].float()
-        dec = geora_decompose(w, 16)
-        w_geo = w * (dec.masks.spectral | dec.masks.euclidean)
-        energy = float((dec.factors.B.double() @ dec.factors.A.double()).square().sum())
-        assert energy >= QUALITY * exact_top_energy(w_geo, 16), name
-
-
-def test_config_defaults_are_the_fast_path():
-    from peft_geora import GeoRAConfig
-
-    config = GeoRAConfig()
-    assert config.svd_solver == "auto"
-    assert (config.svd_niter, config.svd_oversample) == (F.DEFAULT_NITER, F.DEFAULT_OVERSAMPLE)
+def test_truncate_product_edge_cases():
+    zero_b, zero_a, err = truncate_product(torch.zeros(5, 2), torch.zeros(2, 4), 1)
+    assert err == 0.0 and not (zero_b @ zero_a).any()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="rank k must be a positive int"):
+            truncate_product(torch.ones(5, 2), torch.ones(2, 4), bad)
+    with pytest.raises(ValueError, match="do not multiply"):
+        truncate_product(torch.ones(5, 2), torch.ones(3, 4), 1)

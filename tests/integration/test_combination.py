@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 import peft_geora
 from peft_geora import GeoRAConfig
 
-from .conftest import make_tiny_model, tiny_inputs
+from ..conftest import make_tiny_model, tiny_inputs
 
 COMBINATIONS = {"cat": {}, "svd": {}, "linear": {}, "ties": {"density": 0.5}, "magnitude_prune": {"density": 0.5}}
 

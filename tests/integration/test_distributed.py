@@ -16,15 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from peft import get_peft_model
-from peft.tuners.lora import LoraLayer
 
-from peft_geora import GeoRAConfig
-from peft_geora.tuner.distributed import broadcast_from_rank0, full_shape, gathered
-
-from .conftest import make_tiny_model
-from .distributed.launcher import ROOT, launch, once_per_engine, save_tiny_model
+from ..distributed.launcher import ROOT, launch, once_per_engine, save_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -200,34 +193,12 @@ def test_fsdp2_resume_onto_a_changed_base_is_caught(fsdp2_resumed):
 
 
 def test_single_process_reference_reproduces_fsdp2_training(fsdp2_resumed):
-    """The machinery of tests/test_distributed_precision.py: a single-process run on the engine's recorded global
-    batches from its initial state (the Trainer's optimizer and clipping) matches a float32 FSDP2 run to rounding."""
+    """The machinery of tests/integration/test_distributed_precision.py: a single-process run on the engine's recorded
+    global batches from its initial state (the Trainer's optimizer and clipping) matches a float32 FSDP2 run to
+    rounding."""
     trained, _ = fsdp2_resumed
     for result in trained:
         assert result["engine_vs_fp32_reference"]["max"] < 1e-5
-
-
-# ---- in-process: no launcher needed ----
-
-
-def test_zero3_weight_without_a_process_group_is_refused():
-    if torch.distributed.is_initialized():
-        pytest.skip("a process group exists in this pytest process")
-    model = make_tiny_model()
-    weight = model.model.layers[0].self_attn.q_proj.weight
-    weight.ds_id, weight.ds_shape = 0, weight.shape  # what ZeRO-3 leaves on a partitioned parameter
-    with pytest.raises(RuntimeError, match="'model.layers.0.self_attn.q_proj' is partitioned by DeepSpeed ZeRO-3"):
-        get_peft_model(model, GeoRAConfig(r=4))
-    assert not any(isinstance(m, LoraLayer) for m in model.modules())
-
-
-def test_helpers_leave_plain_tensors_alone():
-    weight = torch.randn(6, 4)
-    with gathered(weight) as full:
-        assert full is weight
-    assert full_shape(weight) == (6, 4)
-    (same,) = broadcast_from_rank0([weight], like=weight)
-    assert same is weight
 
 
 # ---- mixture-of-experts parameters under ZeRO-3 and FSDP2 (tests/distributed/worker_moe.py, tiny Qwen3-MoE, plain
@@ -241,7 +212,7 @@ def moe_launched(tmp_path_factory):
     """``moe_launched(engine)``: both ranks' results of worker_moe.py, launched once per engine and module."""
 
     def run(engine: str) -> list[dict]:
-        from .test_experts import build
+        from ..moe_models import build
 
         model_dir = tmp_path_factory.mktemp("tiny_qwen3_moe")
         build("qwen3_moe").save_pretrained(model_dir)

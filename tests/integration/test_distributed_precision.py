@@ -9,11 +9,11 @@ bf16, ``TrainingArguments(bf16=True)``:
   forward in ``torch.autocast(bf16)``. Parameters stay float32 shards (the optimizer's); every forward and backward
   runs on bf16 copies of all of them, GeoRA's deltas and LoRA's factors included; GeoRA's anchors are buffers, kept in
   float32 and rounded to the delta's dtype in the product.
-* ZeRO-3 (zero3.yaml; zero3.json plus the test-only keys of tests/test_distributed.py and ``"bf16": {"enabled":
-  true}``, which the example's ``"auto"`` also resolves to with ``bf16=True``): ``from_pretrained`` after the
-  training arguments loads the base partitioned in bf16. The adapter, created after that load (PEFT keeps it in
-  float32), stays float32: DeepSpeed 0.19.8 casts a model's parameters to bf16 only when ``zero.Init`` did not
-  partition it. So the adapter runs in float32 on a bf16 base, for GeoRA and LoRA alike.
+* ZeRO-3 (zero3.yaml; zero3.json plus the test-only keys of tests/integration/test_distributed.py and
+  ``"bf16": {"enabled": true}``, which the example's ``"auto"`` also resolves to with ``bf16=True``):
+  ``from_pretrained`` after the training arguments loads the base partitioned in bf16. The adapter, created after that
+  load (PEFT keeps it in float32), stays float32: DeepSpeed 0.19.8 casts a model's parameters to bf16 only when
+  ``zero.Init`` did not partition it. So the adapter runs in float32 on a bf16 base, for GeoRA and LoRA alike.
 
 The measure. Each method (``GeoRAConfig(r=4)``; ``LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")``)
 trains 3 steps of the Trainer's AdamW at lr 1e-4 (constant) on a language-model loss over the same tiny Llama and
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from .distributed.launcher import ROOT, launch, once_per_engine, save_tiny_model, zero3_test_config
+from ..distributed.launcher import ROOT, launch, once_per_engine, save_tiny_model, zero3_test_config
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from peft import get_peft_model
 
 from peft_geora import GeoRAConfig
 
-from .conftest import make_tiny_model, tiny_inputs
+from ..conftest import make_tiny_model, tiny_inputs
 
 
 def logits(model, inputs):

@@ -11,17 +11,13 @@ from torch import nn
 
 from peft_geora import GeoRAConfig
 
-from .conftest import full_factors, make_tiny_model, tiny_inputs
-from .grpo_utils import make_grpo_trainer
+from ..conftest import full_factors, make_tiny_model, tiny_inputs
+from ..grpo_utils import kl_per_step, make_grpo_trainer
 
 
 def logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
-
-
-def kl_per_step(trainer) -> list[float]:
-    return [float(entry["kl"]) for entry in trainer.state.log_history if "kl" in entry]
 
 
 def snapshot(model, keep):
@@ -161,27 +157,3 @@ def test_vllm_merged_weight_sync_sends_the_anchored_weights():
     assert not any(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
     for n, p in before.items():
         torch.testing.assert_close(after[n], p, rtol=0, atol=1e-6)
-
-
-def test_async_adapter_only_sync_serves_the_rank_2r_export(tmp_path):
-    from accelerate import Accelerator
-    from trl.experimental.async_grpo import async_grpo_trainer as async_grpo
-
-    model = get_peft_model(make_tiny_model(), GeoRAConfig(r=4))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    inputs = tiny_inputs()
-    expected = logits(model.eval(), inputs)
-    config = async_grpo.validate_lora_for_vllm_sync(model)
-    assert type(config) is LoraConfig and config.r == 8  # what the server must be able to hold
-    async_grpo.save_lora_adapter(model, Accelerator(cpu=True), "default", str(tmp_path / "policy-v1"))
-    saved = json.loads((tmp_path / "policy-v1" / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "LORA" and saved["r"] == 8
-    served = PeftModel.from_pretrained(make_tiny_model(), tmp_path / "policy-v1")
-    torch.testing.assert_close(logits(served, inputs), expected, rtol=1e-5, atol=1e-5)
-    # a plain LoRA still goes through TRL's own code
-    lora = get_peft_model(make_tiny_model(), LoraConfig(r=4, target_modules="all-linear"))
-    async_grpo.save_lora_adapter(lora, Accelerator(cpu=True), "default", str(tmp_path / "lora-v1"))
-    assert json.loads((tmp_path / "lora-v1" / "adapter_config.json").read_text())["r"] == 4

@@ -7,7 +7,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from peft_geora import AnchoredA, AnchoredB
-from peft_geora.format.checkpoint import upgrade_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -170,32 +169,3 @@ def test_a_cast_moves_the_anchor_but_keeps_it_float32(cast):
     assert lora_b(lora_a(x)).dtype == lora_a.delta.dtype
     lora_a.float()
     assert torch.equal(lora_a.anchor, anchors[0])
-
-
-def test_a_format_1_state_dict_upgrades_to_the_update():
-    """Format 1 stored ``A`` itself as ``factor``; the upgrade gives ``dA = A - A0``, bit-exact where the update is
-    small against the factor (the subtraction is then exact), and the module computes what format 1 computed."""
-    lora_a, lora_b = anchored_pair()
-    a = (lora_a.anchor + lora_a.delta).detach()
-    b = (lora_b.anchor + lora_b.delta).detach()
-    old = {
-        "x.lora_A.factor": a,
-        "x.lora_A.anchor": lora_a.anchor,
-        "x.lora_B.factor": b,
-        "x.lora_B.anchor": lora_b.anchor,
-    }
-    new = upgrade_state_dict(old)
-    assert list(new) == ["x.lora_A.delta", "x.lora_A.anchor", "x.lora_B.delta", "x.lora_B.anchor"]
-    assert torch.equal(new["x.lora_A.delta"], a - lora_a.anchor) and torch.equal(new["x.lora_B.anchor"], lora_b.anchor)
-    assert torch.equal(new["x.lora_B.anchor"] + new["x.lora_B.delta"], b)
-    fresh_a, fresh_b = (
-        AnchoredA(torch.zeros(4, 12), torch.zeros(4, 12)),
-        AnchoredB(torch.zeros(10, 4), torch.zeros(10, 4)),
-    )
-    fresh_a.load_state_dict({k.removeprefix("x.lora_A."): v for k, v in new.items() if "lora_A" in k})
-    fresh_b.load_state_dict({k.removeprefix("x.lora_B."): v for k, v in new.items() if "lora_B" in k})
-    x = torch.randn(3, 12)
-    with torch.no_grad():
-        expected = x @ a.T @ b.T - x @ lora_a.anchor.T @ lora_b.anchor.T
-        torch.testing.assert_close(fresh_b(fresh_a(x)), expected)
-    assert upgrade_state_dict(new) is new

@@ -1,7 +1,6 @@
 """GeoRA on mixture-of-experts models: the experts' 3-D parameters and the router (PEFT's ``target_parameters``).
 
-Tiny Qwen3-MoE and Mixtral (experts stored as (E, out, in); ``"all-linear"`` reaches them as LoRA's does) and gpt-oss
-(stored transposed, (E, in, out); targeted explicitly, as LoRA's "all-linear" does not reach them there).
+The tiny Qwen3-MoE, Mixtral and gpt-oss models of ``tests/moe_models.py``.
 """
 
 from __future__ import annotations
@@ -9,60 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
 import peft_geora
-from peft_geora import GeoRAConfig, base_check
-from peft_geora.functional import geora_decompose, geora_decompose_experts
-from peft_geora.tuner.experts import GeoRAParamWrapper
+from peft_geora import base_check
+from peft_geora.functional import geora_decompose
 
-from .conftest import tiny_inputs
-
-COMMON = dict(
-    vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    num_experts_per_tok=2, max_position_embeddings=64,
-)  # fmt: skip
-EXPERTS = 4
-ARCHS = {
-    "qwen3_moe": lambda: Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=48, num_experts=EXPERTS, **COMMON),
-    "mixtral": lambda: MixtralConfig(intermediate_size=48, num_local_experts=EXPERTS, **COMMON),
-    "gpt_oss": lambda: GptOssConfig(intermediate_size=48, num_local_experts=EXPERTS, head_dim=16, **COMMON),
-}
-GPT_OSS_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-def build(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(ARCHS[arch](), dtype=dtype).eval()
-
-
-def geora_config(arch: str, **kwargs) -> GeoRAConfig:
-    if arch == "gpt_oss":
-        kwargs.setdefault("target_parameters", GPT_OSS_TARGETS)
-    return GeoRAConfig(r=4, **kwargs)
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def wrappers(model) -> dict[str, GeoRAParamWrapper]:
-    return {m.geora_param_key: m for m in model.modules() if isinstance(m, GeoRAParamWrapper)}
-
-
-def perturb(model, scale: float = 0.05, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".delta"):
-                param.add_((scale * torch.randn(param.shape, generator=gen)).to(param.dtype))
-
-
-def expert_matrices(wrapper: GeoRAParamWrapper) -> torch.Tensor:
-    """The targeted weight as (E, out, in) (gpt-oss stores it as (E, in, out))."""
-    param = wrapper.get_param().detach().float()
-    return param if wrapper._did_swap_in_out_features else param.transpose(1, 2)
+from ..conftest import logits, tiny_inputs
+from ..grpo_utils import kl_per_step, make_grpo_trainer
+from ..moe_models import ARCHS, EXPERTS, GPT_OSS_TARGETS, build, expert_matrices, geora_config, perturb, wrappers
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -95,20 +48,6 @@ def test_exact_at_init_and_each_expert_is_decomposed_on_its_own(arch, dtype):
     for e, matrix in enumerate(expert_matrices(wrapper)):
         alone = geora_decompose(matrix, r, svd_solver="exact").factors
         torch.testing.assert_close(b0[e] @ a0[e], alone.B @ alone.A, rtol=1e-4, atol=1e-5)
-
-
-def test_the_batched_decomposition_is_the_per_expert_one():
-    gen = torch.Generator().manual_seed(0)
-    weights = torch.randn(6, 40, 24, generator=gen) * torch.linspace(0.1, 2.0, 24)
-    for priors, components in [("union", "head"), ("spectral", "head"), ("euclidean", "tail"), ("none", "head")]:
-        factors, report = geora_decompose_experts(weights, 5, rho=0.3, priors=priors, components=components)
-        assert factors.A.shape == (6, 5, 24) and factors.B.shape == (6, 40, 5) and report["experts"] == 6
-        for e in range(6):
-            kwargs = dict(rho=0.3, priors=priors, components=components, svd_solver="exact")
-            alone = geora_decompose(weights[e], 5, **kwargs).factors
-            torch.testing.assert_close(factors.B[e] @ factors.A[e], alone.B @ alone.A, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="rank r=25"):
-        geora_decompose_experts(weights, 25)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -167,9 +106,6 @@ def test_a_second_adapter_on_the_experts(tmp_path):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_grpo_trains_the_experts_with_an_exact_kl_reference(arch):
-    from .grpo_utils import make_grpo_trainer
-    from .test_trl import kl_per_step
-
     trainer = make_grpo_trainer(build(arch), peft_config=geora_config(arch), beta=0.1, max_steps=2)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "experts" in n and "delta" in n}
     assert before
@@ -177,19 +113,6 @@ def test_grpo_trains_the_experts_with_an_exact_kl_reference(arch):
     assert kl_per_step(trainer)[0] == 0.0
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(after[n], t) for n, t in before.items())
-
-
-def test_inspect_analyses_the_stacked_experts(tmp_path, capsys):
-    from peft_geora_apps.cli import main
-
-    build("qwen3_moe").save_pretrained(tmp_path / "base")
-    peft_model = get_peft_model(build("qwen3_moe"), geora_config("qwen3_moe"))
-    perturb(peft_model)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    assert main(["inspect", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")]) == 0
-    out = capsys.readouterr().out
-    assert "4 parameters of stacked experts analysed expert by expert" in out and "model.layers.0.mlp.gate " in out
-    assert "model.layers.0.mlp.experts.gate_up_proj[3] " in out  # per expert: tests/test_inspect_cli.py
 
 
 def test_combining_adapters_on_the_experts_is_refused_as_for_lora():

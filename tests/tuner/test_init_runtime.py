@@ -10,7 +10,7 @@ import peft_geora.tuner.init_runtime as init_runtime
 from peft_geora import GeoRAConfig
 from peft_geora.tuner.layer import GeoRALayer
 
-from .conftest import make_tiny_model
+from ..conftest import make_tiny_model
 
 
 class RecordingBar:

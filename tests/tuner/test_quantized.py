@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from peft_geora import BaseModelMismatchWarning, GeoRAConfig, GeoRALayer
 from peft_geora.functional import geora_init_factors
 
-from .conftest import full_factors, make_tiny_model, tiny_inputs
+from ..conftest import ROOT, full_factors, make_tiny_model, tiny_inputs
+from ..grpo_utils import kl_per_step, make_grpo_trainer, one_torch_thread
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -38,8 +38,6 @@ SIZES = dict(hidden_size=128, intermediate_size=256, head_dim=32)
 def _quiet_single_thread():
     """bitsandbytes' notes are expected here; one torch thread: small matrices, and two threads spin-wait on a busy
     machine (a tiny 4-bit test took 25 s instead of 2 s)."""
-    from .grpo_utils import one_torch_thread
-
     with warnings.catch_warnings(), one_torch_thread():
         warnings.filterwarnings("ignore", message=".*(MatMul8bitLt|[Mm]erge lora module|kernels).*")
         yield
@@ -283,9 +281,6 @@ def test_unsupported_quantized_layers_are_refused_by_name(module_path, class_nam
 
 
 def test_grpo_on_a_4bit_base_exact_kl_and_bit_identical_reload(float_dir, tmp_path):
-    from .grpo_utils import make_grpo_trainer
-    from .test_trl import kl_per_step
-
     inputs = tiny_inputs()
     model = load(float_dir, "nf4")
     base = logits(model, inputs)
@@ -318,10 +313,9 @@ def test_docs_snippets_run(float_dir, tmp_path, monkeypatch):
     on the tiny model."""
     import peft_geora_apps.default_model
 
-    root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     title = "## Quantized base models"
-    text = readme if title in readme else (root / "docs" / "quantized.md").read_text()
+    text = readme if title in readme else (ROOT / "docs" / "quantized.md").read_text()
     section = text.split(title, 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 3

@@ -1,0 +1,1 @@
+"""Tests of peft_geora_apps: the command line, inspect, the demo and its tasks."""

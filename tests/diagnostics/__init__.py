@@ -1,0 +1,1 @@
+"""Tests of peft_geora.diagnostics: spectral metrics and the Trainer callback."""

@@ -1,0 +1,1 @@
+"""Tests of peft_geora.functional: order statistics, SVD solvers, the decomposition."""
