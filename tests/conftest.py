@@ -1,10 +1,13 @@
 """Shared fixtures and helpers of every test package: tiny decoder models built from configs (no downloads), the
-real SmolLM2 (loaded once), a saved trained adapter, an intercepted Hub, and a guard against decompositions."""
+real SmolLM2 (loaded once), a saved trained adapter, an intercepted Hub, and a guard that fails any decomposition."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -142,18 +145,73 @@ def card_and_config(files: dict) -> tuple[str, dict]:
     return files["README.md"].decode(), json.loads(files["adapter_config.json"])
 
 
+# ---- a guard that fails any decomposition, wherever it is called from ----
+
+# every factorisation GeoRA's decompositions (and torch's own low-rank helpers) are built on
+TORCH_FACTORISATIONS = [
+    (torch.linalg, ("svd", "svdvals", "eigh", "eigvalsh", "qr")),
+    (torch, ("svd", "svd_lowrank", "pca_lowrank", "lobpcg")),
+]
+
+
+def decomposition_functions() -> dict[int, Callable]:
+    """GeoRA's decomposition entry points, by ``id``: every public function of the functional layer's decomposition
+    and SVD modules (``geora_decompose``, ``geora_decompose_experts``, ``truncated_svd``, ...)."""
+    import inspect
+
+    import peft_geora.functional.decomposition as decomposition
+    import peft_geora.functional.svd as svd
+
+    found = {}
+    for module in (decomposition, svd):
+        for _, value in inspect.getmembers(module, inspect.isfunction):
+            if value.__module__ == module.__name__:
+                found[id(value)] = value
+    return found
+
+
+def forbid_decomposition(setattr_: Callable[[object, str, object], None], calls: list[str] | None = None) -> None:
+    """Replace, through ``setattr_`` (``monkeypatch.setattr`` or the builtin), every decomposition entry point by a
+    function that records the call in ``calls`` and raises: torch's factorisations (which every SVD path ends in), and
+    GeoRA's decomposition functions at their definitions and in every ``peft_geora`` / ``peft_geora_apps`` module that
+    imported them. A decomposition that runs, from whatever call site, fails (and, if its exception is swallowed,
+    is still recorded in ``calls``)."""
+
+    def forbidden(name: str) -> Callable:
+        def boom(*args, **kwargs):
+            if calls is not None:
+                calls.append(name)
+            raise AssertionError(f"{name} ran: this path must not decompose anything")
+
+        return boom
+
+    for owner, names in TORCH_FACTORISATIONS:
+        for name in names:
+            setattr_(owner, name, forbidden(f"{owner.__name__}.{name}"))
+    functions = decomposition_functions()
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith(("peft_geora", "peft_geora_apps")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if id(value) in functions and value is functions[id(value)]:
+                setattr_(module, attr, forbidden(f"{module_name}.{attr}"))
+
+
+@contextlib.contextmanager
+def decompositions_forbidden() -> Iterator[list[str]]:
+    """Inside the block any decomposition fails (:func:`forbid_decomposition`); on exit, none may have been called."""
+    calls: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        forbid_decomposition(patch.setattr, calls)
+        yield calls
+    assert calls == [], f"decompositions ran: {calls}"
+
+
 @pytest.fixture
-def no_decomposition(monkeypatch):
-    """Make every SVD entry point raise: loading must not decompose anything."""
-    import peft_geora.functional as functional
-    import peft_geora.tuner.layer as layer
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a decomposition ran during loading")
-
-    for module, name in [(layer, "geora_decompose"), (functional, "geora_decompose"), (functional, "truncated_svd")]:
-        monkeypatch.setattr(module, name, boom)
-    monkeypatch.setattr(torch.linalg, "svd", boom)
+def no_decomposition():
+    """For the whole test, any decomposition fails (:func:`decompositions_forbidden`)."""
+    with decompositions_forbidden() as calls:
+        yield calls
 
 
 def train_steps(model, inputs, steps: int = 3, lr: float = 1e-2) -> None:

@@ -13,7 +13,7 @@ import peft_geora
 from peft_geora import base_check
 from peft_geora.functional import geora_decompose
 
-from ..conftest import logits, tiny_inputs
+from ..conftest import decompositions_forbidden, logits, tiny_inputs
 from ..grpo_utils import kl_per_step, make_grpo_trainer
 from ..moe_models import ARCHS, EXPERTS, GPT_OSS_TARGETS, build, expert_matrices, geora_config, perturb, wrappers
 
@@ -51,7 +51,7 @@ def test_exact_at_init_and_each_expert_is_decomposed_on_its_own(arch, dtype):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_the_update_merge_disable_reload_and_lora_export(arch, tmp_path, monkeypatch):
+def test_the_update_merge_disable_reload_and_lora_export(arch, tmp_path):
     inputs = tiny_inputs()
     base = logits(build(arch), inputs)
     peft_model = get_peft_model(build(arch), geora_config(arch))
@@ -77,11 +77,9 @@ def test_the_update_merge_disable_reload_and_lora_export(arch, tmp_path, monkeyp
     torch.testing.assert_close(logits(peft_model, inputs), trained, rtol=1e-5, atol=1e-6)
 
     peft_model.save_pretrained(tmp_path / "geora")
-    import peft_geora.tuner.experts as experts_module
-
-    monkeypatch.setattr(experts_module, "geora_decompose_experts", pytest.fail)  # loading decomposes nothing
-    with base_check("raise"):
-        reloaded = PeftModel.from_pretrained(build(arch), tmp_path / "geora")
+    fresh = build(arch)
+    with decompositions_forbidden(), base_check("raise"):  # loading decomposes nothing, by whatever path
+        reloaded = PeftModel.from_pretrained(fresh, tmp_path / "geora")
     assert torch.equal(logits(reloaded, inputs), trained)
 
     peft_geora.save_as_lora(peft_model, tmp_path / "lora")

@@ -17,6 +17,7 @@ from peft_geora.functional import geora_init_factors
 
 from ..conftest import (
     assert_bitwise_equal,
+    decompositions_forbidden,
     full_factors,
     logits,
     make_tiny_model,
@@ -111,17 +112,12 @@ def test_conv1d_target_gpt2():
     assert layer.get_delta_weight("default").shape == w.shape
 
 
-def test_init_weights_false_gives_a_non_identity_adapter_without_svd(monkeypatch):
-    import peft_geora.tuner.layer as layer_module
-
-    def boom(*args, **kwargs):
-        raise AssertionError("no decomposition with init_weights=False")
-
-    monkeypatch.setattr(layer_module, "geora_decompose", boom)
+def test_init_weights_false_gives_a_non_identity_adapter_without_svd():
     model = make_tiny_model("llama")
     inputs = tiny_inputs()
     base = logits(model, inputs)
-    peft_model = get_peft_model(model, GeoRAConfig(r=4, init_weights=False))
+    with decompositions_forbidden():  # any decomposition, by whatever path, fails
+        peft_model = get_peft_model(model, GeoRAConfig(r=4, init_weights=False))
     assert not torch.allclose(logits(peft_model, inputs), base)
     with peft_model.disable_adapter():
         assert torch.equal(logits(peft_model, inputs), base)
@@ -136,7 +132,8 @@ def test_second_adapter_reuses_the_decomposition(monkeypatch):
     calls = []
     original = layer_module.geora_decompose
     monkeypatch.setattr(layer_module, "geora_decompose", lambda *a, **k: calls.append(1) or original(*a, **k))
-    peft_model.add_adapter("second", GeoRAConfig(r=4))
+    with decompositions_forbidden():  # the same settings: not one decomposition, by any path
+        peft_model.add_adapter("second", GeoRAConfig(r=4))
     assert calls == []
     peft_model.add_adapter("third", GeoRAConfig(r=4, rho=0.3))
     assert len(calls) == 14

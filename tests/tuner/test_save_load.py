@@ -23,16 +23,17 @@ def test_reload_in_a_fresh_process_is_bit_identical_without_any_svd(saved, tmp_p
     folder, inputs, expected = saved
     torch.save(inputs, tmp_path / "inputs.pt")
     script = f"""
-        import torch, peft_geora, peft_geora.tuner.layer, peft_geora.functional
-        def boom(*a, **k): raise AssertionError("decomposition during load")
-        peft_geora.tuner.layer.geora_decompose = peft_geora.functional.truncated_svd = torch.linalg.svd = boom
+        import torch
         from peft import PeftModel
-        from tests.conftest import make_tiny_model
+        from tests.conftest import forbid_decomposition, make_tiny_model
+        calls = []
+        forbid_decomposition(setattr, calls)  # every factorisation and decomposition entry point raises
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         for low_cpu_mem_usage in (False, True):
             model = PeftModel.from_pretrained(make_tiny_model(), {str(folder)!r}, low_cpu_mem_usage=low_cpu_mem_usage)
             with torch.no_grad():
                 torch.save(model(**inputs).logits, {str(tmp_path)!r} + f"/out_{{low_cpu_mem_usage}}.pt")
+        assert calls == [], calls
     """
     subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=True, cwd=ROOT)
     for flag in (False, True):
