@@ -6,6 +6,7 @@ Each runs in its own interpreter, as from the command line (they set torch's thr
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,19 @@ pytestmark = pytest.mark.slow
 BENCHMARKS = ROOT / "benchmarks"
 
 
-def run_script(name: str, args: list[str], out: Path) -> dict:
+def run_script_printing(name: str, args: list[str], out: Path) -> tuple[dict, str]:
+    """Run a benchmark script; its JSON result and what it printed."""
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / name), *args, "--threads", "1", "--out", str(out)],
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), done.stdout
+
+
+def run_script(name: str, args: list[str], out: Path) -> dict:
+    return run_script_printing(name, args, out)[0]
 
 
 def test_init_speed_compares_geora_with_peft_on_one_layer(smollm2_path, tmp_path):
@@ -60,10 +66,25 @@ def test_step_flops_count_cpu_attention():
 def test_step_speed_times_geora_against_lora(smollm2_path, tmp_path, autocast):
     args = ["--model", str(smollm2_path), "--layers", "1", "--batch", "1", "--seq", "16", "--warmup", "0"]
     args += ["--rounds", "1", "--steps", "1", "--no-memory", "--autocast", autocast]
-    result = run_script("step_speed.py", args, tmp_path / "step.json")
+    result, printed = run_script_printing("step_speed.py", args, tmp_path / "step.json")
     assert result["args"]["autocast"] == autocast
-    assert result["geora_over_lora"] > 0 and len(result["seconds"]["geora"]) == 1
+    seconds, median, flops = result["seconds"], result["median_seconds"], result["flops"]
+    assert {method: len(steps) for method, steps in seconds.items()} == {"geora": 1, "lora": 1}  # 1 round x 1 step
+    for method, steps in seconds.items():
+        assert all(0.0 < s < 600.0 for s in steps), (method, steps)  # a measured step of a 1-layer model
+        assert median[method] == statistics.median(steps)
+    # the ratios are those of the measured quantities the JSON reports
+    ratio = result["geora_over_lora"]
+    assert ratio == median["geora"] / median["lora"]
+    assert result["per_round_ratio"] == [seconds["geora"][0] / seconds["lora"][0]]
+    assert result["geora_over_lora_flops"] == flops["geora"] / flops["lora"]
     assert 1.0 < result["geora_over_lora_flops"] < 1.2  # the rank-2r adapter, on one layer and a 16-token batch
+    # the printed table and summary show the JSON's numbers
+    rows = {cells[0]: cells for cells in map(str.split, printed.splitlines()) if cells[:1] in (["geora"], ["lora"])}
+    for method in ("geora", "lora"):
+        assert rows[method][2:5] == [f"{flops[method] / 1e9:.1f}", f"{median[method]:.4f}", "1"], rows[method]
+    assert f"GeoRA / LoRA step time: {ratio:.3f} " in printed
+    assert f"FLOPs {result['geora_over_lora_flops']:.4f}" in printed
 
 
 def test_decompose_stages_reports_stages_blocks_and_check_spacing(smollm2_path, tmp_path):

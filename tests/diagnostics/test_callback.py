@@ -61,6 +61,7 @@ def test_callback_metrics_reach_log_history(tmp_path):
     # the logged per-layer numbers are the diagnostics of the trained layers, computed directly
     model = trainer.model
     layers = {name: (module, adapter) for name, module, adapter in adapted_layers(model)}
+    assert len(callback.last_per_layer) == 5 and callback.last_per_layer.keys() <= layers.keys()  # max_layers=5
     for name, logged in callback.last_per_layer.items():
         module, adapter = layers[name]
         with torch.no_grad():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 import peft_geora  # noqa: E402
 from peft_geora import GeoRAConfig, GeoRALayer  # noqa: E402
 from peft_geora.functional import geora_decompose  # noqa: E402
-from peft_geora.tuner.distributed import broadcast_from_rank0  # noqa: E402
+from peft_geora.tuner.distributed import broadcast_from_rank0, full_shape  # noqa: E402
 from tests.distributed.cpu_engines import digest, engine_facts, full_state_dict, shard_facts  # noqa: E402
 from tests.distributed.worker_common import anchors_of, logits, max_diff, peft_key, write_result  # noqa: E402
 from tests.grpo_utils import distinct_chars_reward, make_tiny_tokenizer, tiny_prompt_dataset  # noqa: E402
@@ -158,6 +159,20 @@ def plain_checks(plains: dict[str, Any], full: dict[str, torch.Tensor], adapter_
     return out
 
 
+def factor_shapes(peft_model: Any, text: str) -> dict[str, Any]:
+    """The factors' shapes as ``repr(model)`` prints them (its ``AnchoredA`` / ``AnchoredB`` lines; torch prints
+    repeated identical layers once) and as each factor module's repr does, the anchors' shapes, and the deltas' full
+    shapes next to what this rank holds of them (ZeRO-3: nothing)."""
+    deltas = {n: p for n, p in peft_model.named_parameters() if n.endswith(".delta")}
+    return {
+        "model_repr_lines": re.findall(r"Anchored[AB]\(.*\)", text),
+        "factor_reprs": {n: repr(m) for n, m in peft_model.named_modules() if type(m).__name__.startswith("Anchored")},
+        "anchor_shapes": {n: list(b.shape) for n, b in peft_model.named_buffers() if n.endswith(".anchor")},
+        "delta_full_shapes": {n: list(full_shape(p)) for n, p in deltas.items()},
+        "delta_local_numel": sum(p.numel() for p in deltas.values()),
+    }
+
+
 def run(engine: str, model_dir: str, out_dir: Path) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -213,7 +228,7 @@ def run(engine: str, model_dir: str, out_dir: Path) -> dict[str, Any]:
     result["factor_after_train"] = shard_facts(dict(peft_model.named_parameters())[factor_name])
     result["kl"] = [float(e["kl"]) for e in trainer.state.log_history if "kl" in e]
     try:  # PEFT's disable_adapter() calls repr(model), which reads the GeoRA factors' shapes
-        result["repr_after_train"] = len(repr(peft_model)) > 0
+        result["repr_after_train"] = factor_shapes(peft_model, repr(peft_model))
     except Exception as exc:  # noqa: BLE001
         result["repr_after_train"] = f"{type(exc).__name__}: {exc}"
 

@@ -121,9 +121,41 @@ def test_zero3_refuses_a_weight_it_could_not_gather(launched):
         assert result["zero3_reload_probe"]["kind"] == "zero3" and result["zero3_reload_factors_equal"]
 
 
+# the tiny Llama's projections as (in, out): hidden 64, intermediate 96, 2 of 4 heads for keys and values
+PROJECTIONS = {
+    "self_attn.q_proj": (64, 64),
+    "self_attn.k_proj": (64, 32),
+    "self_attn.v_proj": (64, 32),
+    "self_attn.o_proj": (64, 64),
+    "mlp.gate_proj": (64, 96),
+    "mlp.up_proj": (64, 96),
+    "mlp.down_proj": (96, 64),
+}
+RANK = 4  # worker_grpo.py's GeoRAConfig(r=4)
+
+
 def test_zero3_partitioned_factors_keep_their_shapes(launched):
-    ranks = launched("zero3")
-    assert all(result["repr_after_train"] is True for result in ranks)
+    """After training, ZeRO-3 holds the deltas partitioned (nothing on a rank outside a forward); ``repr(model)``,
+    which PEFT's ``disable_adapter()`` calls, still prints every factor's true shape (read from the anchors), and the
+    anchors and the deltas' full shapes are (r x in) and (out x r)."""
+    reprs, anchors = {}, {}
+    for layer in range(2):
+        for name, (n_in, n_out) in PROJECTIONS.items():
+            module = f"base_model.model.model.layers.{layer}.{name}"
+            reprs[f"{module}.lora_A.default"] = f"AnchoredA(in_features={n_in}, rank={RANK} (+{RANK} anchored))"
+            reprs[f"{module}.lora_B.default"] = f"AnchoredB(rank={RANK} (+{RANK} anchored), out_features={n_out})"
+            anchors[f"{module}.lora_A.default.anchor"] = [RANK, n_in]
+            anchors[f"{module}.lora_B.default.anchor"] = [n_out, RANK]
+    deltas = {name.removesuffix(".anchor") + ".delta": shape for name, shape in anchors.items()}
+    for result in launched("zero3"):
+        shapes = result["repr_after_train"]
+        assert isinstance(shapes, dict), shapes  # else: the exception repr() raised
+        assert shapes["factor_reprs"] == reprs
+        # the whole model's repr prints the same lines (the two identical decoder layers once: "2 x LlamaDecoderLayer")
+        assert set(shapes["model_repr_lines"]) == set(reprs.values())
+        assert shapes["anchor_shapes"] == anchors and shapes["delta_full_shapes"] == deltas
+        # partitioned: the shapes above are not read off local tensors
+        assert shapes["delta_local_numel"] < sum(a * b for a, b in deltas.values())
 
 
 def test_fsdp2_refuses_an_already_sharded_model(launched):

@@ -95,10 +95,23 @@ def test_a_loaded_adapter_trains_with_a_ref_adapter_after_its_folder_is_gone(tmp
 
 
 def test_peft_pissa_gets_the_reference_wrong_where_geora_does_not():
-    """The contrast the anchored design exists for: PEFT's PiSSA mutates W, so its 'disabled' model is W_res."""
-    pissa = make_grpo_trainer(make_tiny_model(), peft_config=LoraConfig(r=4, init_lora_weights="pissa"), beta=0.1)
-    pissa.train()
-    assert kl_per_step(pissa)[0] > 0
+    """The contrast the anchored design exists for: PEFT's PiSSA mutates W, so its 'disabled' model, TRL's KL
+    reference, is W_res and not the model training started from; GeoRA leaves W alone, so its reference is the base
+    model bit for bit and the KL at step 1 (policy == reference) is exactly 0. Same model, data and settings."""
+    inputs = tiny_inputs()
+    base = logits(make_tiny_model(), inputs)
+    methods = {"pissa": LoraConfig(r=4, init_lora_weights="pissa"), "geora": GeoRAConfig(r=4)}
+    kl, disabled = {}, {}
+    for name, config in methods.items():
+        trainer = make_grpo_trainer(make_tiny_model(), peft_config=config, beta=0.1)
+        trainer.train()
+        kl[name] = kl_per_step(trainer)
+        model = trainer.model.eval()
+        with model.disable_adapter():
+            disabled[name] = logits(model, inputs)
+    assert len(kl["pissa"]) == len(kl["geora"]) == 2
+    assert kl["pissa"][0] > 0 and not torch.equal(disabled["pissa"], base)  # PiSSA's reference is W_res
+    assert kl["geora"][0] == 0.0 and torch.equal(disabled["geora"], base)  # GeoRA's reference is the base model
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -147,12 +160,15 @@ def test_vllm_merged_weight_sync_sends_the_anchored_weights():
     sent = _trl_weight_sync(model)
     base_names = set(make_tiny_model().state_dict())
     assert set(sent) == base_names  # vLLM's names; no adapter tensor, no anchor
+    checked = 0
     for module_name, module in model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
             a, a0, b, b0 = full_factors(module)
             w = module.get_base_layer().weight
             expected = w + module.scaling["default"] * (b @ a - b0 @ a0)
             torch.testing.assert_close(sent[f"{module_name}.weight"], expected, rtol=1e-6, atol=1e-6)
+            checked += 1
+    assert checked == 14  # every adapted projection was sent merged
     after = dict(model.named_parameters())
     assert not any(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
     for n, p in before.items():

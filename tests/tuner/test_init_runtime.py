@@ -90,8 +90,10 @@ def test_auto_on_a_cpu_machine_is_the_cpu_path_bit_for_bit():
         pytest.skip("'auto' means the GPU here")
     auto = get_peft_model(make_tiny_model("llama"), GeoRAConfig(r=4))
     cpu = get_peft_model(make_tiny_model("llama"), GeoRAConfig(r=4, init_device="cpu"))
-    for (name, a), (_, b) in zip(auto.named_buffers(), cpu.named_buffers()):
-        assert torch.equal(a, b), name
+    auto_buffers, cpu_buffers = dict(auto.named_buffers()), dict(cpu.named_buffers())
+    assert auto_buffers.keys() == cpu_buffers.keys() and sum(n.endswith(".anchor") for n in auto_buffers) == 2 * 14
+    for name, anchor in auto_buffers.items():
+        assert torch.equal(anchor, cpu_buffers[name]), name
 
 
 def test_cuda_init_device_without_cuda_names_the_module_and_rolls_back():
