@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 9's GPU measurements on a Qwen2.5-7B-shaped model (random bf16 weights, 2 of 28 decoder layers), in one
-# go: the fast-init and anchored-factor unit tests on CUDA, whole-model init against PEFT's LoRA and PiSSA, training
+# The GPU measurements on a Qwen2.5-7B-shaped model (random bf16 weights, 2 of 28 decoder layers), in one
+# go: the math layer's and the anchored factors' unit tests on CUDA, whole-model init against PEFT's LoRA and PiSSA, training
 # step time (fp32 adapters, and under bf16 autocast as TRL runs them), the decomposition's stages and Krylov
 # settings, and the Krylov solver's steps against a hindsight-perfect stop. JSON files land in OUTDIR (default
 # benchmarks/results).
@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, peft, transformers; print('torch', torch.__version__, 'peft', peft.__version__, \
 'transformers', transformers.__version__)"
-timeout 60 python -m pytest -q -p no:cacheprovider tests/test_fast_init.py tests/test_anchor.py -k "not smollm2"
+timeout 60 python -m pytest -q -p no:cacheprovider tests/functional tests/tuner/test_anchor.py -k "not smollm2"
 timeout 130 python benchmarks/init_speed.py --device cuda --shape qwen2.5-7b --layers 2 --with-full-svd \
     --extra-niter 0 --extra-oversample 8 --quality-layers 7 --out "$out/init_speed_7b_cuda.json"
 timeout 80 python benchmarks/step_speed.py --device cuda --shape qwen2.5-7b --layers 2 --seq 2048 --batch 2 \

@@ -3,7 +3,7 @@
 Both adapters are put on the same base model (all linear projections, r=16, alpha=32) and trained on the same
 random token batch; steps alternate between the two methods (``--rounds`` rounds of ``--steps`` steps after
 ``--warmup`` steps each), and medians and ratios are reported. GeoRA's adapter computes ``B A x - B0 A0 x`` as
-a rank-2r product (one matmul per factor, see ``peft_geora/anchor.py``) where LoRA's is rank r; the FLOPs of one
+a rank-2r product (one matmul per factor, see ``peft_geora/tuner/anchor.py``) where LoRA's is rank r; the FLOPs of one
 step (``torch.utils.flop_counter``: matrix products and attention) give the ratio that load cannot blur, the floor
 under the time ratio where products dominate; ``--profile`` shows where the extra time goes with ``torch.profiler``.
 Peak memory during training: on CUDA ``max_memory_allocated``; on CPU one fresh subprocess per method samples its
