@@ -36,15 +36,24 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """The weight of a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` as a new float32 (out x in) tensor.
 
     4-bit weights are decoded straight to float32 (not to the stored dtype and then up); nothing on ``layer`` changes
-    (unlike ``peft.utils.integrations.dequantize_bnb_weight``, which fills in ``state.SCB``).
+    (unlike ``peft.utils.integrations.dequantize_bnb_weight``, which fills in ``state.SCB``). On CPUs with AVX512-BF16,
+    bitsandbytes repacks a 4-bit weight into a CPU layout at its first forward (``quant_state.packing_format_for_cpu``:
+    the codes interleaved in blocks of 32 rows, the block scales transposed to (in / blocksize, out) and kept in bf16).
+    Such a weight is read from a copy put back in the standard layout: the codes with bitsandbytes' own inverse (the
+    one its ``.cuda()`` uses), the scales transposed back (that inverse leaves them transposed), so the values are the
+    ones the layer computes with, whatever ran before.
     """
     import bitsandbytes as bnb
 
     weight = layer.weight
     if isinstance(weight, bnb.nn.Params4bit):
-        state = copy.copy(weight.quant_state)
+        data, state = weight.data, copy.copy(weight.quant_state)
+        if getattr(state, "packing_format_for_cpu", False):  # the inverse writes into the state: give it a copy
+            scales = state.absmax
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+            state.absmax, state.nested = scales.T.reshape(-1).float(), False  # (out, in / blocksize), row-major
         state.dtype = torch.float32
-        return bnb.functional.dequantize_4bit(weight.data, state).reshape(layer.out_features, layer.in_features)
+        return bnb.functional.dequantize_4bit(data, state).reshape(layer.out_features, layer.in_features)
     if weight.dtype != torch.int8:  # has_fp16_weights: stored in float until moved to an accelerator
         return weight.detach().float().clone()
     scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB

@@ -157,16 +157,19 @@ def test_anchors_decompose_the_dequantized_weight_without_touching_the_layer(flo
     from peft.utils.integrations import dequantize_bnb_weight
 
     model = load(float_dir, kind)
-    logits(model, tiny_inputs())  # an 8-bit forward moves SCB from the weight into the layer state
     base = model.model.layers[1].mlp.down_proj
+    # PEFT's reading, in the stored dtype, taken before any forward: afterwards bitsandbytes may have repacked a 4-bit
+    # weight for the CPU, which dequantize_bnb_weight does not undo (dequantized_weight does)
+    reference = dequantize_bnb_weight(base.weight, state=getattr(base, "state", None)).clone()
+    logits(model, tiny_inputs())  # an 8-bit forward moves SCB from the weight into the layer state
     stored = packed(base)
     weight = dequantized_weight(base)
     assert all(torch.equal(x, y) for x, y in zip(stored, packed(base)))  # reading the weight changed nothing
     assert weight.dtype == torch.float32 and weight.shape == (base.out_features, base.in_features)
-    reference = dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))  # in the stored dtype
-    if reference.dtype == torch.float32:
+    repacked = getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False)
+    if reference.dtype == torch.float32 and not repacked:
         assert torch.equal(weight, reference)
-    else:  # bitsandbytes decodes to the stored half dtype, ours straight to float32
+    else:  # decoded to the stored half dtype (PEFT) or from block scales repacked in bf16, ours straight to float32
         torch.testing.assert_close(weight, reference.float(), rtol=2**-8, atol=0)
     peft_model = get_peft_model(model, GeoRAConfig(r=4))
     layer = peft_model.base_model.model.model.layers[1].mlp.down_proj
@@ -175,6 +178,26 @@ def test_anchors_decompose_the_dequantized_weight_without_touching_the_layer(flo
     a, _, b, _ = full_factors(layer)
     expected = layer.scaling["default"] * (b @ a - b0 @ a0)
     assert torch.equal(layer.get_delta_weight("default"), expected)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "nf4-dq", "int8"])
+def test_the_dequantized_weight_is_the_checkpoints_after_a_forward(float_dir, kind):
+    """bitsandbytes may repack a 4-bit weight for the CPU at its first forward (and keep its block scales in bf16); the
+    weight GeoRA decomposes and fingerprints is the same before and after, up to that rounding, and it is the one the
+    layer computes with. (Without unpacking, the weight read after a forward was off by more than its own norm.)"""
+    model = load(float_dir, kind)
+    layers = dict(bnb_layers(model))
+    before = {name: dequantized_weight(layer) for name, layer in layers.items()}
+    logits(model, tiny_inputs())
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for name, layer in layers.items():
+        after = dequantized_weight(layer)
+        # the repacked state keeps each block's scale in bf16: the values may move by that rounding, no more
+        torch.testing.assert_close(after, before[name], rtol=2**-8, atol=0, msg=name)
+        if layer.in_features == x.shape[1]:
+            with torch.no_grad():
+                out = layer(x).float()
+            assert ((out - x @ after.T).norm() / out.norm()).item() < 0.02, name  # bf16 compute on the CPU
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4-dq", "int8"])
