@@ -294,6 +294,6 @@ NOT_APPLICABLE: list[tuple[str, str]] = [
     (
         r"^test_add_weighted_adapter_cat_with_rank_pattern$",
         "its config_cls parameter is unused: it always builds LoraConfig (GeoRA's add_weighted_adapter is tested in "
-        "tests/test_combination.py)",
+        "tests/integration/test_combination.py)",
     ),
 ]
