@@ -78,6 +78,13 @@ def smollm2_path():
     return default_model_path()
 
 
+def geora_layers(model) -> dict:  # noqa: ANN001
+    """``{name: layer}`` of every GeoRA layer of ``model``."""
+    from peft_geora import GeoRALayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, GeoRALayer)}
+
+
 def full_factors(layer, adapter: str = "default") -> tuple[torch.Tensor, ...]:
     """``(A, A0, B, B0)`` of a GeoRA layer in float32: the factors ``A0 + dA``, ``B0 + dB`` and the frozen anchors."""
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]

@@ -13,11 +13,9 @@ The ZeRO-3 run uses examples/multi_gpu/zero3.json plus two test-only keys: ``sta
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from ..distributed.launcher import ROOT, launch, once_per_engine, save_tiny_model
+from ..distributed.launcher import ROOT, launch, once_per_engine
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +25,6 @@ ENGINES = ("ddp", "fsdp2", "zero3")
 EXPECTED_TYPE = {"ddp": "MULTI_CPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED"}
 EXPECTED_WRAPPER = {"ddp": "DistributedDataParallel", "fsdp2": "FSDPPeftModel", "zero3": "DeepSpeedEngine"}
 SHARDED = {"ddp": "plain", "fsdp2": "dtensor", "zero3": "zero3"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")

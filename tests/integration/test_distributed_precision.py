@@ -39,11 +39,9 @@ engine's part beyond the bf16 base is less than half of the base's own.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from ..distributed.launcher import ROOT, launch, once_per_engine, save_tiny_model, zero3_test_config
+from ..distributed.launcher import ROOT, launch, once_per_engine, zero3_test_config
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +49,6 @@ WORKER = ROOT / "tests" / "distributed" / "worker_trainer.py"
 ENGINES = ("fsdp2", "zero3")
 METHODS = ("geora", "lora")
 LAYERS = 14  # all linear projections of the 2-layer tiny Llama
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")

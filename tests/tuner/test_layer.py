@@ -12,13 +12,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from peft_geora import AnchoredA, AnchoredB, GeoRAConfig, GeoRALayer
+from peft_geora import AnchoredA, AnchoredB, GeoRAConfig
 from peft_geora.functional import geora_init_factors
 
 from ..conftest import (
     assert_bitwise_equal,
     decompositions_forbidden,
     full_factors,
+    geora_layers,
     logits,
     make_tiny_model,
     state_snapshot,
@@ -26,10 +27,6 @@ from ..conftest import (
     train_steps,
     trained_geora,
 )
-
-
-def geora_layers(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, GeoRALayer)}
 
 
 @pytest.mark.parametrize("autocast_adapter_dtype", [True, False])

@@ -9,10 +9,11 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from peft_geora import GeoRAConfig, GeoRALayer
+from peft_geora import GeoRAConfig
 
 from ..conftest import (
     assert_bitwise_equal,
+    geora_layers,
     logits,
     make_tiny_model,
     state_snapshot,
@@ -20,10 +21,6 @@ from ..conftest import (
     train_steps,
     trained_geora,
 )
-
-
-def geora_layers(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, GeoRALayer)}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
