@@ -49,12 +49,13 @@ RANK_1 = dict(r=1, lora_alpha=32)
 
 
 def source_commit() -> str:
-    """The commit the run's code comes from, with ``+dirty`` when the working tree differs from it."""
+    """The commit the run's code comes from, with ``+dirty`` when the library or the harness differ from it
+    (untracked files, such as the runs' own JSON, do not count)."""
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "peft_geora", "benchmarks/rlvr"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "peft_geora", "benchmarks/rlvr/*.py"],
             cwd=root,
             capture_output=True,
             text=True,
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from trl import GRPOConfig, GRPOTrainer
 
+    commit = source_commit()  # the code this run starts with
     torch.manual_seed(args.seed)
     model, tokenizer = load_default_model(args.model, device=args.device)
     mix, ood = TASK_SETS[args.task]
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "method": args.method,
         "task": args.task,
-        "commit": source_commit(),
+        "commit": commit,
         "torch_threads": torch.get_num_threads(),
         "seed": args.seed,
         "learning_rate": args.learning_rate,
