@@ -16,8 +16,9 @@ stops; ``--commit`` commits each run's file as it is written). Nothing else heav
 contention makes GRPO steps several times slower. ``report`` writes ``results.md``, ``results.json`` and three plots
 from whatever runs exist.
 
-Budget (2 CPU cores, nothing else running): 30 steps of 3 prompts x 8 completions, about 17 s a step, plus the
-probes: about 10 minutes a run. 24 sweep + 12 final + 2 ablation + 12 second-task runs = 50 runs, about 8.5 hours.
+Budget (2 CPU cores, nothing else running): 30 steps of 3 prompts x 8 completions at about 13 s a step, plus
+loading, the probes and the geometry: about 7.5 minutes a run (measured on the first sweep runs). 24 sweep + 12 final
++ 2 ablation + 12 second-task runs = 50 runs, about 6.5 hours; full fine-tuning's steps cost more.
 """
 
 from __future__ import annotations
