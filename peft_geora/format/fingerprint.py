@@ -4,8 +4,8 @@ A GeoRA adapter's anchors are a decomposition of one specific ``W``; on another 
 no longer exact at the adapter's start and its update means something else. Each target's fingerprint (the sums
 of ``|W|`` and ``W^2`` and four fixed entries) is stored in the adapter config at initialisation and compared after
 every load, at the precision of the coarser of the two dtypes (a bf16 copy of the same base passes). Layers read
-their weight through :func:`peft_geora.distributed.gathered`: a ZeRO-3 partition or an FSDP2 / tensor-parallel DTensor
-shard is fingerprinted as the whole weight (a collective; the load hook runs on every rank).
+their weight through :func:`peft_geora.tuner.distributed.gathered`: a ZeRO-3 partition or an FSDP2 /
+tensor-parallel DTensor shard is fingerprinted as the whole weight (a collective; the load hook runs on every rank).
 
 The policy is ``"warn"`` by default; ``"raise"`` or ``"off"`` via :func:`base_check` or ``PEFT_GEORA_BASE_CHECK``.
 This module holds the fingerprint and the policy; the check that runs after a load is

@@ -27,8 +27,8 @@ gradients of ``dA`` and ``dB`` only. The effective weights, for merging and expo
 the adapter and never trained. Anchors are kept in float32 through every dtype cast of the model (``model.to``,
 ``.half()``, PEFT's placement on a bf16 base): a cast moves them to the new device but never rounds them, and they
 are used in the delta's dtype. So loading a float32-saved adapter onto a bf16 base keeps it exactly.
-Format version 1 stored ``A`` and ``B`` themselves (``factor``); :func:`peft_geora.checkpoint.upgrade_state_dict`
-converts such state dicts on load.
+Format version 1 stored ``A`` and ``B`` themselves (``factor``);
+:func:`peft_geora.format.checkpoint.upgrade_state_dict` converts such state dicts on load.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class _Anchored(nn.Module):
     ``awaiting_checkpoint`` marks NaN placeholders created for an adapter whose values come from a checkpoint (so no
     decomposition runs on load). Whatever loader fills them (PEFT's ``load_state_dict``, transformers' own loader),
     the first use notices real values and clears the mark; using unfilled placeholders raises.
-    ``loaded_unchecked`` asks the base-weight fingerprint check (:mod:`peft_geora.fingerprint`) to look at this
+    ``loaded_unchecked`` asks the base-weight fingerprint check (:mod:`peft_geora.format.fingerprint`) to look at this
     module once.
     """
 

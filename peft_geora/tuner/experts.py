@@ -7,8 +7,8 @@ wrapper with GeoRA's anchored factors: every expert gets its own GeoRA initialis
 that expert's matrix, batched over the experts by :func:`peft_geora.functional.geora_decompose_experts`), and the
 update of expert ``e`` is ``s (B_e A_e - B0_e A0_e)``, trained as the deltas ``dA``, ``dB``. The factors use PEFT's
 layout for stacked experts (``lora_A`` E r x in, ``lora_B`` out x r E), so PEFT's forward, merge and unmerge apply
-the rank-2r effective factors (:func:`peft_geora.anchor.effective_weight`) unchanged, and the LoRA export is a stock
-``target_parameters`` LoRA of rank 2r per expert.
+the rank-2r effective factors (:func:`peft_geora.tuner.anchor.effective_weight`) unchanged, and the LoRA export is
+a stock ``target_parameters`` LoRA of rank 2r per expert.
 """
 
 from __future__ import annotations

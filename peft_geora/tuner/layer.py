@@ -1,6 +1,6 @@
 """GeoRA layers: PEFT's LoRA layers whose ``lora_A`` / ``lora_B`` are anchored and GeoRA-initialised.
 
-Forward, merge and unmerge are PEFT's own; the anchor inside the factor modules (see :mod:`peft_geora.anchor`)
+Forward, merge and unmerge are PEFT's own; the anchor inside the factor modules (see :mod:`peft_geora.tuner.anchor`)
 makes them compute ``W x + s (B A x - B0 A0 x)``. This module adds what differs from LoRA: validating the target,
 computing (or reusing) the decomposition, and an exact ``get_delta_weight``.
 """
@@ -263,7 +263,7 @@ class GeoRALayer:
             yield transpose(weight.detach(), self.fan_in_fan_out)
 
     def geora_fingerprint(self) -> dict:
-        """Fingerprint of the base weight (:mod:`peft_geora.fingerprint`), recorded at init and checked on load."""
+        """Fingerprint of the base weight (:mod:`peft_geora.format.fingerprint`), recorded at init, checked on load."""
         with gathered(self.geora_target_weight()) as weight:
             return weight_fingerprint(weight)
 
