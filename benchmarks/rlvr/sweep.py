@@ -72,7 +72,10 @@ class Run:
 
 
 def load_runs(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
+    """Every finished run under ``out`` (the base model's cached scores, ``base_*.json``, are not runs)."""
+    return [
+        json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json")) if not p.name.startswith("base_")
+    ]
 
 
 def selected_lr(results: list[dict], method: str) -> float | None:

@@ -74,6 +74,7 @@ def test_report_tables_average_the_seeds_at_the_selected_lr(tmp_path):
         write(tmp_path, fake_run("lora", lr, val=0.7 if lr == grid[1] else 0.5))
     write(tmp_path, fake_run("lora", grid[1], seed=1, val=0.9, phase="final"))
     write(tmp_path, fake_run("lora", grid[3], seed=1, val=1.0, phase="final"))  # not the selected lr: left out
+    (tmp_path / "runs" / "addition" / "base_seed0_eval48_val48.json").write_text(json.dumps({"validation": 0.4}))
     text = sweep.report(tmp_path)
     row = next(line for line in text.splitlines() if line.startswith(f"| lora | {grid[1]:g} | 2 |"))
     assert "0.400 → 0.800 ± 0.141" in row  # in domain: mean and sample std of 0.7 and 0.9
