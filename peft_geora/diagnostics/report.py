@@ -51,15 +51,7 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
                 str(e["modules"]),
                 *(
                     f"{e[k]:.3f}"
-                    for k in (
-                        "spectral_coverage",
-                        "euclidean_coverage",
-                        "union_coverage",
-                        "overlap",
-                        "jaccard",
-                        "masked_energy",
-                        "captured_energy",
-                    )
+                    for k in REPORT_KEYS[:-1]  # all but seconds
                 ),
                 f"{e['seconds']:.2f}",
             )
