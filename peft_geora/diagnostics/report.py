@@ -51,7 +51,8 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
                 str(e["modules"]),
                 *(
                     f"{e[k]:.3f}"
-                    for k in REPORT_KEYS[:-1]  # all but seconds
+                    for k in REPORT_KEYS
+                    if k != "seconds"  # printed last, as a time
                 ),
                 f"{e['seconds']:.2f}",
             )
