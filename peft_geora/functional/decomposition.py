@@ -7,7 +7,9 @@ For a weight ``W`` (out x in) and rank ``r``:
 2. Euclidean prior ``M_euc = |W| <= tau_euc`` with ``tau_euc`` the rho-quantile of ``|W|``;
 3. ``W_geo = W * (M_spec | M_euc)``;
 4. ``W_geo ~ U_r S_r V_r^T``; ``A0 = sqrt(S_r / c) V_r^T``, ``B0 = U_r sqrt(S_r / c)``, where ``c`` is 1 for the
-   paper's convention and the LoRA scaling ``s`` for PiSSA's.
+   paper's convention and the LoRA scaling ``s`` for PiSSA's. With ``uniform_scale`` the factors are the orthonormal
+   ``V_r^T`` and ``U_r`` times one constant, ``sqrt(mean(S_r) / c)``: the same Frobenius norms, with no direction
+   weighted by its singular value.
 
 The rho-quantile of ``n`` magnitudes is their k-th smallest value with ``k = ceil(rho * n)`` (at least 1), and a
 mask keeps every entry ``<=`` it, so ties are all kept (:mod:`.selection`); the SVDs are :mod:`.svd`'s. Everything
@@ -55,6 +57,18 @@ class GeoRADecomposition(NamedTuple):
     singular_values: torch.Tensor  # the r selected singular values of W_geo, unscaled
     masked_energy: float  # ||W_geo||_F^2
     weight_energy: float  # ||W||_F^2
+
+
+def _factor_roots(singular_values: torch.Tensor, scale_divisor: float, uniform_scale: bool) -> torch.Tensor:
+    """What multiplies each singular vector in the initial factors: ``sqrt(S / c)``, or ``sqrt(mean(S) / c)`` for all.
+
+    ``singular_values`` is ``(r,)`` or ``(E, r)`` (one row per expert; the mean is taken per row); the result has its
+    shape and dtype. ``uniform_scale`` gives orthonormal factors times one constant per matrix with the Frobenius norms
+    of the singular-value-scaled ones (``sum_i sqrt(S_i/c)^2 = r mean(S)/c``).
+    """
+    if uniform_scale:
+        singular_values = singular_values.mean(dim=-1, keepdim=True).expand_as(singular_values)
+    return (singular_values / scale_divisor).sqrt()
 
 
 def _work_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -139,6 +153,7 @@ def geora_decompose(
     priors: Priors = "union",
     components: Components = "head",
     scale_divisor: float = 1.0,
+    uniform_scale: bool = False,
     svd_solver: Solver = "auto",
     svd_niter: int = DEFAULT_NITER,
     svd_oversample: int = DEFAULT_OVERSAMPLE,
@@ -147,6 +162,9 @@ def geora_decompose(
     """Full GeoRA initialisation of one weight, with the masks and energies used for reporting.
 
     ``scale_divisor`` is ``c`` in ``A0 = sqrt(S/c) V^T``: 1 for the paper's convention, the LoRA scaling for PiSSA's.
+    ``uniform_scale`` replaces ``sqrt(S/c)`` by ``sqrt(mean(S)/c)`` for every component (orthonormal factors times one
+    constant). Raises ``ValueError`` for a weight that is not 2-D or on the meta device, a rank outside
+    ``[1, min(out, in)]`` or a bad ``rho`` / ``priors`` / ``scale_divisor``, and ``TypeError`` for an integer weight.
     """
     _check_matrix(weight)
     if priors not in PRIORS:
@@ -162,7 +180,7 @@ def geora_decompose(
         quantile_rank(rho, w.numel())  # validates rho
         masks, w_geo = _prior_indicators(w, rho, spectral_rank or r, priors, svd_kwargs)
     u, s, vh = truncated_svd(w_geo, r, components=components, **svd_kwargs)
-    root = (s / scale_divisor).sqrt()
+    root = _factor_roots(s, scale_divisor, uniform_scale)
     factors = GeoRAFactors(A=(root[:, None] * vh).contiguous(), B=(u * root[None, :]).contiguous())
     flat_w, flat_geo = w.reshape(-1), w_geo.reshape(-1)
     return GeoRADecomposition(
@@ -188,13 +206,15 @@ def geora_decompose_experts(
     priors: Priors = "union",
     components: Components = "head",
     scale_divisor: float = 1.0,
+    uniform_scale: bool = False,
 ) -> tuple[GeoRAFactors, dict[str, float]]:
     """GeoRA's initialisation of a stack of expert weights ``(E, out, in)`` at once, each expert on its own.
 
     Per expert, exactly as :func:`geora_decompose` with ``svd_solver="exact"``: both priors with the rho-quantile of
     that expert's magnitudes (ties kept), ``W_geo`` on their union, its top-r (or tail) SVD. Batched over the experts
     (one batched LAPACK SVD per step, no Python loop over experts); float32 (float64 stays float64). Returns the
-    factors ``A0`` (E x r x in) and ``B0`` (E x out x r) and a report: the mean share of entries in each mask, of
+    factors ``A0`` (E x r x in) and ``B0`` (E x out x r), scaled as :func:`geora_decompose` says (``scale_divisor``,
+    ``uniform_scale`` per expert), and a report: the mean share of entries in each mask, of
     their overlap and union, and the captured share of ``||W_geo||_F^2`` (mean and minimum over experts). Raises
     ``ValueError`` for a tensor that is not 3-D, a rank above ``min(out, in)`` or a bad ``rho`` / ``priors``.
     """
@@ -230,7 +250,7 @@ def geora_decompose_experts(
     u, s, vh = torch.linalg.svd(w_geo, full_matrices=False)
     chosen = slice(0, r) if components == "head" else slice(s.shape[1] - r, s.shape[1])
     u, s, vh = u[..., chosen], s[:, chosen], vh[:, chosen]
-    root = (s / scale_divisor).sqrt()
+    root = _factor_roots(s, scale_divisor, uniform_scale)
     factors = GeoRAFactors(A=(root[..., None] * vh).contiguous(), B=(u * root[:, None, :]).contiguous())
     energy = w_geo.square().sum(dim=(1, 2))
     captured = torch.where(energy > 0, s.square().sum(dim=1) / energy, torch.ones_like(energy))

@@ -18,6 +18,8 @@ from ..functional import COMPONENTS, DEFAULT_NITER, DEFAULT_OVERSAMPLE, PRIORS, 
 from .init_runtime import check_init_device
 from .registry import geora_peft_type
 
+SCALE_CONVENTIONS: tuple[str, ...] = ("paper", "pissa", "orthonormal")
+
 # LoRA options that change what the adapter computes or how it is initialised: GeoRA defines both, so these are
 # refused rather than silently ignored. Maps field -> the value that means "off".
 _REFUSED_LORA_OPTIONS: dict[str, object] = {
@@ -102,11 +104,13 @@ class GeoRAConfig(LoraConfig):
         default="head",
         metadata={"help": "Take the largest ('head', GeoRA/PiSSA) or smallest ('tail', MiLoRA) singular triplets."},
     )
-    scale_convention: Literal["paper", "pissa"] = field(
+    scale_convention: Literal["paper", "pissa", "orthonormal"] = field(
         default="paper",
         metadata={
-            "help": "'paper': A0 = sqrt(S) V^T, B0 = U sqrt(S). 'pissa': sqrt(S / scaling) as in PEFT's PiSSA. Both "
-            "leave the model unchanged at init; they differ in the size of A, B and so in the effective step size."
+            "help": "'paper': A0 = sqrt(S) V^T, B0 = U sqrt(S). 'pissa': sqrt(S / scaling) as in PEFT's PiSSA. "
+            "'orthonormal': A0 = c V^T, B0 = U c with one constant c = sqrt(mean(S)) per layer (the paper's factor "
+            "norms, no direction weighted by its singular value). All leave the model unchanged at init; they differ "
+            "in the size of A, B and so in the effective step size of each direction."
         },
     )
     svd_solver: Literal["auto", "exact", "randomized"] = field(
@@ -232,7 +236,7 @@ class GeoRAConfig(LoraConfig):
         if self.spectral_rank is not None and (not isinstance(self.spectral_rank, int) or self.spectral_rank < 1):
             raise ValueError(f"GeoRAConfig: spectral_rank must be a positive int or None, got {self.spectral_rank!r}")
         choices = {"priors": PRIORS, "components": COMPONENTS, "svd_solver": SOLVERS}
-        choices["scale_convention"] = ("paper", "pissa")
+        choices["scale_convention"] = SCALE_CONVENTIONS
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GeoRAConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -265,6 +269,13 @@ class GeoRAConfig(LoraConfig):
     def prior_settings(self) -> dict:
         """The keyword arguments of :func:`peft_geora.functional.geora_decompose` that choose what is decomposed."""
         return {name: getattr(self, name) for name in ("rho", "spectral_rank", "priors", "components")}
+
+    def scale_settings(self, scaling: float) -> dict:
+        """The keyword arguments of :func:`peft_geora.functional.geora_decompose` that size the factors, for a layer
+        whose LoRA scaling is ``scaling``: ``scale_divisor`` (``scaling`` for 'pissa', else 1) and ``uniform_scale``
+        (True for 'orthonormal')."""
+        divisor = scaling if self.scale_convention == "pissa" else 1.0
+        return {"scale_divisor": divisor, "uniform_scale": self.scale_convention == "orthonormal"}
 
     @property
     def solver_settings(self) -> dict:

@@ -75,11 +75,11 @@ class GeoRAParamWrapper(GeoRALayer, ParamWrapper):
             yield param
 
     def _decompose(
-        self, matrix: torch.Tensor, r: int, config: GeoRAConfig, divisor: float
+        self, matrix: torch.Tensor, r: int, config: GeoRAConfig, scale: dict
     ) -> tuple[GeoRAFactors, dict[str, float]]:
         if matrix.dim() == 2:
-            return super()._decompose(matrix, r, config, divisor)
-        factors, report = geora_decompose_experts(matrix, r, scale_divisor=divisor, **config.prior_settings)
+            return super()._decompose(matrix, r, config, scale)
+        factors, report = geora_decompose_experts(matrix, r, **scale, **config.prior_settings)
         experts, out_features = matrix.shape[0], matrix.shape[1]
         a0 = factors.A.reshape(experts * r, -1)  # PEFT's layout: expert e's rows e r .. e r + r - 1
         b0 = factors.B.permute(1, 2, 0).reshape(out_features, r * experts)  # column j E + e

@@ -232,9 +232,9 @@ class GeoRALayer:
             return self.lora_A[other].anchor.clone(), self.lora_B[other].anchor.clone(), report
         start = time.perf_counter()
         with self._geora_weight() as matrix:
-            divisor = self.scaling[adapter_name] if config.scale_convention == "pissa" else 1.0
+            scale = config.scale_settings(self.scaling[adapter_name])
             device = resolve_init_device(config.init_device, matrix, target_name)
-            factors, report = self._decompose(matrix.to(device), self.r[adapter_name], config, divisor)
+            factors, report = self._decompose(matrix.to(device), self.r[adapter_name], config, scale)
         report = dict(report, seconds=time.perf_counter() - start, reused=0.0)
         a0, b0 = broadcast_from_rank0(factors, like=self.geora_target_weight())  # ZeRO-3: rank 0's
         advance(target_name)
@@ -246,10 +246,11 @@ class GeoRALayer:
         return 1
 
     def _decompose(
-        self, matrix: torch.Tensor, r: int, config: GeoRAConfig, divisor: float
+        self, matrix: torch.Tensor, r: int, config: GeoRAConfig, scale: dict
     ) -> tuple[GeoRAFactors, dict[str, float]]:
-        """GeoRA's factors of the (out x in) ``matrix`` in this layer's layout, and the report of the decomposition."""
-        dec = geora_decompose(matrix, r, scale_divisor=divisor, **config.prior_settings, **config.solver_settings)
+        """GeoRA's factors of the (out x in) ``matrix`` in this layer's layout, and the report of the decomposition;
+        ``scale`` is :meth:`GeoRAConfig.scale_settings` for this layer."""
+        dec = geora_decompose(matrix, r, **scale, **config.prior_settings, **config.solver_settings)
         return dec.factors, decomposition_report(dec)
 
     @contextlib.contextmanager

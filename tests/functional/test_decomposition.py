@@ -76,6 +76,33 @@ def test_components_and_scale_convention(components, convention_divisor):
     torch.testing.assert_close(a.norm(dim=1) ** 2, b.norm(dim=0) ** 2, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("components", ["head", "tail"])
+@pytest.mark.parametrize("divisor", [1.0, 2.0])
+def test_uniform_scale_gives_orthonormal_factors_times_one_constant(components, divisor):
+    w = structured((36, 28), 2)
+    kwargs = dict(rho=0.2, spectral_rank=3, components=components, scale_divisor=divisor, svd_solver="exact")
+    scaled = geora_decompose(w, 5, **kwargs)
+    flat = geora_decompose(w, 5, uniform_scale=True, **kwargs)
+    a, b = (f.double() for f in flat.factors)
+    c2 = float(scaled.singular_values.double().mean()) / divisor
+    eye = torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(a @ a.T, c2 * eye, rtol=1e-5, atol=1e-5 * c2)  # rows of A0: orthogonal, one norm
+    torch.testing.assert_close(b.T @ b, c2 * eye, rtol=1e-5, atol=1e-5 * c2)  # columns of B0 likewise
+    # the same singular subspaces as the singular-value-scaled factors, and their Frobenius norms
+    a_ref, b_ref = (f.double() for f in scaled.factors)
+    rows = a_ref.T @ torch.linalg.solve(a_ref @ a_ref.T, a_ref)  # projector on the row space of A0 (paper's)
+    cols = b_ref @ torch.linalg.solve(b_ref.T @ b_ref, b_ref.T)  # and on the column space of B0
+    torch.testing.assert_close(cols @ (b @ a) @ rows, b @ a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.norm(), a_ref.norm(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.norm(), b_ref.norm(), rtol=1e-5, atol=1e-6)
+    spectrum = scaled.singular_values
+    assert spectrum.max() > 1.2 * spectrum.min()  # not flat: the two conventions give different factors
+    assert not torch.allclose(a.norm(dim=1), a_ref.norm(dim=1), rtol=0.05)
+    # the masks and the reported spectrum do not depend on how the factors are scaled
+    assert torch.equal(flat.masks.spectral, scaled.masks.spectral)
+    assert torch.equal(flat.singular_values, scaled.singular_values)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_half_precision_weights_are_decomposed_in_fp32(dtype):
     w = structured((40, 24), 3).to(dtype)
@@ -245,5 +272,11 @@ def test_the_batched_decomposition_is_the_per_expert_one():
             kwargs = dict(rho=0.3, priors=priors, components=components, svd_solver="exact")
             alone = geora_decompose(weights[e], 5, **kwargs).factors
             torch.testing.assert_close(factors.B[e] @ factors.A[e], alone.B @ alone.A, rtol=1e-4, atol=1e-5)
+    # orthonormal factors: each expert's own constant, as the single-matrix decomposition gives it
+    flat, _ = geora_decompose_experts(weights, 5, rho=0.3, scale_divisor=2.0, uniform_scale=True)
+    for e in range(6):
+        alone = geora_decompose(weights[e], 5, rho=0.3, scale_divisor=2.0, uniform_scale=True, svd_solver="exact")
+        torch.testing.assert_close(flat.B[e] @ flat.A[e], alone.factors.B @ alone.factors.A, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(flat.A[e].norm(dim=1), alone.factors.A.norm(dim=1), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="rank r=25"):
         geora_decompose_experts(weights, 25)

@@ -50,6 +50,20 @@ def test_exact_at_init_and_each_expert_is_decomposed_on_its_own(arch, dtype):
         torch.testing.assert_close(b0[e] @ a0[e], alone.B @ alone.A, rtol=1e-4, atol=1e-5)
 
 
+def test_orthonormal_factors_on_the_experts():
+    inputs = tiny_inputs()
+    model = build("mixtral", torch.float32)
+    base = logits(model, inputs)
+    peft_model = get_peft_model(model, geora_config("mixtral", scale_convention="orthonormal"))
+    assert torch.equal(logits(peft_model, inputs), base)
+    wrapper = wrappers(peft_model)["model.layers.1.mlp.experts.down_proj"]
+    r, experts = 4, wrapper.num_experts
+    a0 = wrapper.lora_A["default"].anchor.reshape(experts, r, -1)
+    for e, matrix in enumerate(expert_matrices(wrapper)):
+        alone = geora_decompose(matrix, r, svd_solver="exact", uniform_scale=True).factors
+        torch.testing.assert_close(a0[e] @ a0[e].T, alone.A @ alone.A.T, rtol=1e-4, atol=1e-5)  # c^2 times I
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_the_update_merge_disable_reload_and_lora_export(arch, tmp_path):
     inputs = tiny_inputs()

@@ -61,13 +61,24 @@ def test_layer_computes_the_anchored_formula_and_delta():
         torch.testing.assert_close(layer.lora_B["default"].weight @ layer.lora_A["default"].weight, b @ a - b0 @ a0)
 
 
-def test_init_equals_the_functional_core():
+@pytest.mark.parametrize(
+    "convention, scale",
+    [
+        ("paper", {}),
+        ("pissa", {"scale_divisor": 2.0}),
+        ("orthonormal", {"uniform_scale": True}),
+    ],
+)
+def test_init_equals_the_functional_core(convention, scale):
     model = make_tiny_model("llama")
+    inputs = tiny_inputs()
+    base = logits(model, inputs)
     w = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    config = GeoRAConfig(r=6, lora_alpha=12, rho=0.3, svd_solver="exact", scale_convention="pissa")
+    config = GeoRAConfig(r=6, lora_alpha=12, rho=0.3, svd_solver="exact", scale_convention=convention)
     peft_model = get_peft_model(model, config)
+    assert torch.equal(logits(peft_model, inputs), base)  # every convention is exact at init
     layer = peft_model.base_model.model.model.layers[0].mlp.up_proj
-    a0, b0 = geora_init_factors(w, 6, rho=0.3, svd_solver="exact", scale_divisor=2.0)
+    a0, b0 = geora_init_factors(w, 6, rho=0.3, svd_solver="exact", **scale)
     assert torch.equal(layer.lora_A["default"].anchor, a0)
     assert torch.equal(layer.lora_B["default"].anchor, b0)
     assert not layer.lora_A["default"].delta.any() and not layer.lora_B["default"].delta.any()
