@@ -79,6 +79,7 @@ def method_config(method: str, r: int, alpha: int):  # noqa: ANN201
         "milora": lambda: GeoRAConfig(**common, priors="none", components="tail"),
         "geora_no_spectral": lambda: GeoRAConfig(**common, priors="euclidean"),
         "geora_no_euclidean": lambda: GeoRAConfig(**common, priors="spectral"),
+        "geora_orthonormal": lambda: GeoRAConfig(**common, scale_convention="orthonormal"),
         "full_ft": lambda: None,
     }
     if method not in configs:

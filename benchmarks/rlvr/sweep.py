@@ -5,6 +5,9 @@ Phases (``python benchmarks/rlvr/sweep.py plan`` lists every run and what is don
 * ``sweep``: every method at each learning rate of its grid (:data:`LR_GRIDS`), seed 0, on the addition task. Each
   run is scored on a validation split, and the learning rate with the best validation accuracy is the method's
   selected one (ties: the higher mean reward over the last 5 steps).
+* ``scale``: only if GeoRA collapsed somewhere in its sweep (ended below the base's validation accuracy): GeoRA with
+  orthonormal initial factors (``scale_convention="orthonormal"``: ``U_r``, ``V_r`` times one constant per layer, no
+  direction weighted by its singular value) at each lr where the default collapsed and at its selected lr, seed 0.
 * ``final``: seeds 1 and 2 at each method's selected learning rate (seed 0 is the sweep's run), scored on the test
   split.
 * ``ablation``: GeoRA's two one-prior variants at GeoRA's selected learning rate, seed 0.
@@ -18,7 +21,8 @@ from whatever runs exist.
 
 Budget (2 CPU cores, nothing else running): 30 steps of 3 prompts x 8 completions at about 13 s a step, plus
 loading, the probes and the geometry: about 7.5 minutes a run (measured on the first sweep runs). 24 sweep + 12 final
-+ 2 ablation + 12 second-task runs = 50 runs, about 6.5 hours; full fine-tuning's steps cost more.
++ 2 ablation + 12 second-task runs = 50 runs, about 6.5 hours, plus 2 to 4 ``scale`` runs (30 minutes at most): under
+7 hours in all. Full fine-tuning's steps cost more.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ ROOT = HERE.parents[1]
 
 METHODS = ("geora", "lora", "pissa", "milora", "full_ft", "lora_r1")
 ABLATIONS = ("geora_no_spectral", "geora_no_euclidean")
+# GeoRA with orthonormal initial factors (scale_convention="orthonormal"): run where the default collapsed
+SCALE_METHOD = "geora_orthonormal"
 # 4 values spanning 30x per method family
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "geora": (3e-5, 1e-4, 3e-4, 1e-3),
@@ -50,6 +56,7 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
 # the order in which a grid is run: the middle first, so a partial sweep already brackets each method
 GRID_ORDER = (1, 2, 0, 3)
 SWEEP_SEED, FINAL_SEEDS, ABLATION_SEEDS, TASK2_SEEDS = 0, (1, 2), (0,), (0, 1)
+PHASES = ("sweep", "scale", "final", "ablation", "task2")
 METRICS = (
     ("in_domain", "in domain"),
     ("longer_numbers", "OOD: longer numbers"),
@@ -89,6 +96,15 @@ def selected_lr(results: list[dict], method: str) -> float | None:
     ]
 
 
+def collapsed_lrs(results: list[dict], method: str) -> list[float]:
+    """The sweep lrs at which ``method`` ended below the base model's validation accuracy (it unlearned)."""
+    return sorted(
+        r["learning_rate"]
+        for r in results
+        if r["method"] == method and r.get("phase") == "sweep" and r["after"]["validation"] < r["before"]["validation"]
+    )
+
+
 def plan(results: list[dict]) -> list[Run]:
     """Every run the benchmark needs, in running order; later phases appear once the sweep has chosen their lrs."""
     runs = []
@@ -97,6 +113,9 @@ def plan(results: list[dict]) -> list[Run]:
             if index < len(LR_GRIDS[method]):
                 runs.append(Run("sweep", "addition", method, LR_GRIDS[method][index], SWEEP_SEED))
     chosen = {method: selected_lr(results, method) for method in METHODS}
+    if chosen["geora"] is not None and collapsed_lrs(results, "geora"):
+        for lr in sorted({chosen["geora"], *collapsed_lrs(results, "geora")}):
+            runs.append(Run("scale", "addition", SCALE_METHOD, lr, SWEEP_SEED))
     for seed in FINAL_SEEDS:
         runs += [Run("final", "addition", m, lr, seed) for m, lr in chosen.items() if lr is not None]
     if chosen["geora"] is not None:
@@ -177,6 +196,30 @@ def sweep_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def scale_table(results: list[dict]) -> str:
+    """GeoRA's default (singular-value-scaled) factors against orthonormal ones, at the same lr and seed."""
+    lines = [
+        "| lr | factors | validation acc | KL to base | retained skill | reward last 5 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in sorted((r for r in results if r["method"] == SCALE_METHOD), key=lambda r: r["learning_rate"]):
+        default = [
+            r
+            for r in results
+            if r["method"] == "geora" and r.get("phase") == "sweep" and r["learning_rate"] == run["learning_rate"]
+        ]
+        for label, r in (("sqrt(S) (default)", default[0] if default else None), ("orthonormal", run)):
+            if r is None:
+                continue
+            before, after = r["before"], r["after"]
+            lines.append(
+                f"| {r['learning_rate']:g} | {label} | {before['validation']:.3f} → {after['validation']:.3f} "
+                f"| {r['after']['general_kl']:.4f} | {r['after']['retained_skill']:.2f} | "
+                f"{statistics.fmean(r['reward_curve'][-5:]):.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def plots(results: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -189,6 +232,10 @@ def plots(results: list[dict], out: Path) -> None:
         rows = sorted((r for r in sweep if r["method"] == method), key=lambda r: r["learning_rate"])
         if rows:
             ax.plot([r["learning_rate"] for r in rows], [r["after"]["validation"] for r in rows], "o-", label=method)
+    rows = sorted((r for r in results if r["method"] == SCALE_METHOD), key=lambda r: r["learning_rate"])
+    if rows:
+        xs, ys = [r["learning_rate"] for r in rows], [r["after"]["validation"] for r in rows]
+        ax.plot(xs, ys, "s--", color="gray", label=f"{SCALE_METHOD} (scale phase)")
     if sweep:
         ax.axhline(sweep[0]["before"]["validation"], color="k", linestyle="--", linewidth=1, label="base")
     ax.set_xscale("log")
@@ -206,6 +253,11 @@ def plots(results: list[dict], out: Path) -> None:
         gain = [r["after"]["validation"] - r["before"]["validation"] for r in rows]
         axes[0].scatter([r["after"]["general_kl"] for r in rows], gain, label=method)
         axes[1].scatter([r["after"]["retained_skill"] for r in rows], gain, label=method)
+    rows = [r for r in results if r["method"] == SCALE_METHOD]
+    if rows:
+        gain = [r["after"]["validation"] - r["before"]["validation"] for r in rows]
+        for ax, key in zip(axes, ("general_kl", "retained_skill")):
+            ax.scatter([r["after"][key] for r in rows], gain, marker="s", color="gray", label=SCALE_METHOD)
     axes[0].set_xscale("symlog", linthresh=1e-3)
     axes[0].set_xlabel("KL to the base on general prompts")
     axes[1].set_xlabel("retained skill (capitals named)")
@@ -237,10 +289,13 @@ def plots(results: list[dict], out: Path) -> None:
 def report(out: Path) -> str:
     results = load_runs(out)
     text = ["## Sweep (seed 0, validation split)", "", sweep_table(results), ""]
+    if any(r["method"] == SCALE_METHOD for r in results):
+        text += ["## GeoRA's initial factors: sqrt(S)-scaled or orthonormal (seed 0)", "", scale_table(results), ""]
     for task in ("addition", "comparison"):
         text += [f"## {task}: each method at its selected learning rate (test split)", "", table(results, task), ""]
     summary = {
         "selected_learning_rates": {m: selected_lr(results, m) for m in METHODS},
+        "collapsed_learning_rates": {m: collapsed_lrs(results, m) for m in METHODS},
         "runs": len(results),
         "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in results),
         "commits": sorted({r.get("commit", "unknown") for r in results}),
@@ -251,11 +306,18 @@ def report(out: Path) -> str:
     return "\n".join(text)
 
 
+def _pending(out: Path, phases: list[str] | None) -> list[Run]:
+    """The planned runs (of ``phases``, or all) that have no file under ``out`` yet, in running order."""
+    return [r for r in plan(load_runs(out)) if not r.path(out).exists() and (not phases or r.phase in phases)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("plan", "run", "report"))
     parser.add_argument("--out", default=str(HERE / "sweep"))
-    parser.add_argument("--phase", nargs="+", default=None, help="run only these phases (default: all, in order)")
+    parser.add_argument(
+        "--phase", nargs="+", choices=PHASES, default=None, help="run only these phases (default: all, in order)"
+    )
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (resume later)")
     parser.add_argument("--commit", action="store_true", help="git-commit each run's JSON as it is written")
     parser.add_argument("--steps", type=int, default=30)
@@ -270,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report(out))
         return 0
     done_runs = load_runs(out)
-    pending = [r for r in plan(done_runs) if not r.path(out).exists() and (not args.phase or r.phase in args.phase)]
     if args.command == "plan":
+        pending = _pending(out, args.phase)
         walls = [r["wall_seconds"] for r in done_runs if "wall_seconds" in r]
         per_run = statistics.median(walls) if walls else math.nan
         for r in plan(done_runs):
@@ -284,11 +346,16 @@ def main(argv: list[str] | None = None) -> int:
             f"about {len(pending) * per_run / 3600:.1f} h left (later phases appear as the sweep completes)"
         )
         return 0
-    for i, run in enumerate(pending[: args.max_runs], 1):
-        start = time.perf_counter()
+    done = 0
+    while args.max_runs is None or done < args.max_runs:
+        pending = _pending(out, args.phase)  # planned again after every run: a finished grid adds later phases
+        if not pending:
+            break
+        run, start = pending[0], time.perf_counter()
         run_one(run, args)
+        done += 1
         print(
-            f"[{i}] {run.phase} {run.task} {run.method} lr {run.learning_rate:g} seed {run.seed}: "
+            f"[{done}] {run.phase} {run.task} {run.method} lr {run.learning_rate:g} seed {run.seed}: "
             f"{time.perf_counter() - start:.0f} s",
             flush=True,
         )

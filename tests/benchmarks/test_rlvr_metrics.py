@@ -64,6 +64,7 @@ def test_methods_and_probes():
     milora = method_config("milora", 16, 32)
     assert (milora.priors, milora.components) == ("none", "tail")
     assert method_config("pissa", 16, 32).init_lora_weights == "pissa_niter_4"
+    assert method_config("geora_orthonormal", 16, 32).scale_convention == "orthonormal"
     item = RETAINED_SKILL[0]
     assert item.answer == "Paris" and skill_correct("The capital of France is Paris.", item)
     assert skill_correct("PARIS", item) and not skill_correct("Lyon", item) and not skill_correct("", item)

@@ -83,3 +83,42 @@ def test_report_tables_average_the_seeds_at_the_selected_lr(tmp_path):
     assert summary["selected_learning_rates"]["lora"] == grid[1] and summary["runs"] == 6
     for name in ("lr_robustness.png", "frontier.png", "reward_curves.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_orthonormal_factors_are_tried_where_geora_collapsed():
+    grid = sweep.LR_GRIDS["geora"]
+    healthy = [fake_run("geora", lr, val=0.9 if lr == grid[1] else 0.5) for lr in grid]
+    assert sweep.collapsed_lrs(healthy, "geora") == []
+    assert not [r for r in sweep.plan(healthy) if r.phase == "scale"]  # no collapse: no scale phase
+    collapsed = healthy[:2] + [fake_run("geora", lr, val=0.2) for lr in grid[2:]]  # below the base's 0.4
+    assert sweep.collapsed_lrs(collapsed, "geora") == list(grid[2:])
+    runs = sweep.plan(collapsed)
+    scale = [r for r in runs if r.phase == "scale"]
+    assert {(r.method, r.learning_rate, r.seed) for r in scale} == {
+        (sweep.SCALE_METHOD, lr, sweep.SWEEP_SEED) for lr in (grid[1], *grid[2:])
+    }
+    assert runs.index(scale[0]) < min(i for i, r in enumerate(runs) if r.phase == "final")
+    write_all = [fake_run(sweep.SCALE_METHOD, r.learning_rate, val=0.6, phase="scale") for r in scale]
+    text = sweep.scale_table(collapsed + write_all)
+    assert f"| {grid[2]:g} | sqrt(S) (default) | 0.400 → 0.200 |" in text
+    assert f"| {grid[2]:g} | orthonormal | 0.400 → 0.600 |" in text
+
+
+def test_run_plans_again_after_each_run(tmp_path, monkeypatch):
+    """One invocation runs the later phases too: they are planned once the sweep's grid is complete."""
+    done = []
+
+    def fake_run_one(run, args):
+        val = 0.9 if run.learning_rate == sweep.LR_GRIDS[run.method][1] else 0.5
+        write(tmp_path, fake_run(run.method, run.learning_rate, run.seed, run.task, val, run.phase))
+        done.append(run)
+
+    monkeypatch.setattr(sweep, "run_one", fake_run_one)
+    sweep_runs = sum(len(grid) for grid in sweep.LR_GRIDS.values())
+    args = ["run", "--out", str(tmp_path), "--phase", "sweep", "final"]
+    assert sweep.main([*args, "--max-runs", str(sweep_runs + 1)]) == 0
+    assert [r.phase for r in done] == ["sweep"] * sweep_runs + ["final"]
+    assert sweep.main(args) == 0  # resumes: the rest of the final phase, nothing twice
+    final = {(r.method, r.learning_rate, r.seed) for r in done[sweep_runs:]}
+    assert len(final) == len(done) - sweep_runs == 2 * len(sweep.METHODS)
+    assert final == {(m, sweep.LR_GRIDS[m][1], s) for m in sweep.METHODS for s in sweep.FINAL_SEEDS}
