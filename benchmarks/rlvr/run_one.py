@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             cache.write_text(json.dumps(before, indent=2))
     weights_before = effective_linear_weights(model)
 
+    trainer_dir = tempfile.TemporaryDirectory(prefix="rlvr_trainer_")  # removed when this process ends
     grpo = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="rlvr_trainer_"),  # nothing is saved there (save_strategy="no")
+        output_dir=trainer_dir.name,  # nothing is saved there (save_strategy="no")
         max_steps=args.steps,
         per_device_train_batch_size=args.prompts_per_step * args.num_generations,
         num_generations=args.num_generations,
