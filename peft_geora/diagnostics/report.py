@@ -14,6 +14,7 @@ REPORT_KEYS = (
     "jaccard",
     "masked_energy",
     "captured_energy",
+    "singular_spread",
     "seconds",
 )
 
@@ -41,7 +42,8 @@ def summarize(per_module: dict[str, dict[str, float]]) -> dict[str, dict[str, fl
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
     """A fixed-width text table of :func:`summarize`'s output."""
-    headers = ("layer type", "n", "M_spec", "M_euc", "union", "overlap", "jaccard", "E(W_geo)", "captured", "time s")
+    headers = ("layer type", "n", "M_spec", "M_euc", "union", "overlap", "jaccard", "E(W_geo)", "captured")
+    headers += ("S1/mean S", "time s")
     rows = [headers]
     for group in sorted(table, key=lambda g: (g == "all", g)):
         e = table[group]

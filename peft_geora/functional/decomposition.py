@@ -215,7 +215,8 @@ def geora_decompose_experts(
     (one batched LAPACK SVD per step, no Python loop over experts); float32 (float64 stays float64). Returns the
     factors ``A0`` (E x r x in) and ``B0`` (E x out x r), scaled as :func:`geora_decompose` says (``scale_divisor``,
     ``uniform_scale`` per expert), and a report: the mean share of entries in each mask, of
-    their overlap and union, and the captured share of ``||W_geo||_F^2`` (mean and minimum over experts). Raises
+    their overlap and union, the captured share of ``||W_geo||_F^2`` (mean and minimum over experts) and the mean
+    ``singular_spread`` (:func:`decomposition_report`). Raises
     ``ValueError`` for a tensor that is not 3-D, a rank above ``min(out, in)`` or a bad ``rho`` / ``priors``.
     """
     if weights.dim() != 3:
@@ -262,13 +263,16 @@ def geora_decompose_experts(
         "overlap_fraction": float((spectral & euclidean).float().mean()),
         "captured_energy": float(captured.mean()),
         "captured_energy_min": float(captured.min()),
+        "singular_spread": sum(_spread(row) for row in s) / experts,
     }
     return factors, report
 
 
 def decomposition_report(dec: GeoRADecomposition) -> dict[str, float]:
     """What one GeoRA initialisation did: mask coverages, overlap (share of entries in both masks), Jaccard index,
-    energy kept by the mask and the share of it the rank-r factors capture. Also the layers' ``geora_reports``."""
+    energy kept by the mask, the share of it the rank-r factors capture, and ``singular_spread``: the largest of the r
+    selected singular values over their mean (1 when they are equal; then ``scale_convention="orthonormal"`` gives
+    the default factors). Also the layers' ``geora_reports``."""
     spectral, euclidean = dec.masks
     n = spectral.numel()
     overlap = int(torch.count_nonzero(spectral & euclidean))
@@ -282,4 +286,11 @@ def decomposition_report(dec: GeoRADecomposition) -> dict[str, float]:
         "jaccard": overlap / union if union else 0.0,
         "masked_energy": dec.masked_energy / dec.weight_energy if dec.weight_energy else 0.0,
         "captured_energy": float(dec.singular_values.square().sum()) / dec.masked_energy if dec.masked_energy else 0.0,
+        "singular_spread": _spread(dec.singular_values),
     }
+
+
+def _spread(singular_values: torch.Tensor) -> float:
+    """``max(S) / mean(S)`` of the selected singular values (1.0 for an all-zero spectrum)."""
+    mean = float(singular_values.mean())
+    return float(singular_values.max()) / mean if mean > 0 else 1.0

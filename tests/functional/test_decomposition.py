@@ -11,6 +11,7 @@ import torch
 import peft_geora.functional as F
 import peft_geora.functional.selection as selection
 from peft_geora.functional import (
+    decomposition_report,
     geora_decompose,
     geora_decompose_experts,
     geora_init_factors,
@@ -97,6 +98,10 @@ def test_uniform_scale_gives_orthonormal_factors_times_one_constant(components, 
     torch.testing.assert_close(b.norm(), b_ref.norm(), rtol=1e-5, atol=1e-6)
     spectrum = scaled.singular_values
     assert spectrum.max() > 1.2 * spectrum.min()  # not flat: the two conventions give different factors
+    spread = decomposition_report(scaled)["singular_spread"]
+    assert spread == pytest.approx(float(spectrum.max() / spectrum.mean()))
+    # the spread is how much the default weights its top direction over the orthonormal factors' one constant
+    assert float(a_ref.norm(dim=1).max() ** 2 / a[0].norm() ** 2) == pytest.approx(spread, rel=1e-4)
     assert not torch.allclose(a.norm(dim=1), a_ref.norm(dim=1), rtol=0.05)
     # the masks and the reported spectrum do not depend on how the factors are scaled
     assert torch.equal(flat.masks.spectral, scaled.masks.spectral)
@@ -278,5 +283,8 @@ def test_the_batched_decomposition_is_the_per_expert_one():
         alone = geora_decompose(weights[e], 5, rho=0.3, scale_divisor=2.0, uniform_scale=True, svd_solver="exact")
         torch.testing.assert_close(flat.B[e] @ flat.A[e], alone.factors.B @ alone.factors.A, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(flat.A[e].norm(dim=1), alone.factors.A.norm(dim=1), rtol=1e-4, atol=1e-6)
+    spreads = [decomposition_report(geora_decompose(w, 5, rho=0.3, svd_solver="exact")) for w in weights]
+    expected = sum(s["singular_spread"] for s in spreads) / 6
+    assert geora_decompose_experts(weights, 5, rho=0.3)[1]["singular_spread"] == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="rank r=25"):
         geora_decompose_experts(weights, 25)
