@@ -214,10 +214,10 @@ def geora_decompose_experts(
     that expert's magnitudes (ties kept), ``W_geo`` on their union, its top-r (or tail) SVD. Batched over the experts
     (one batched LAPACK SVD per step, no Python loop over experts); float32 (float64 stays float64). Returns the
     factors ``A0`` (E x r x in) and ``B0`` (E x out x r), scaled as :func:`geora_decompose` says (``scale_divisor``,
-    ``uniform_scale`` per expert), and a report: the mean share of entries in each mask, of
-    their overlap and union, the captured share of ``||W_geo||_F^2`` (mean and minimum over experts) and the mean
-    ``singular_spread`` (:func:`decomposition_report`). Raises
-    ``ValueError`` for a tensor that is not 3-D, a rank above ``min(out, in)`` or a bad ``rho`` / ``priors``.
+    ``uniform_scale`` per expert), and a report: the mean share of entries in each mask, of their overlap and union,
+    the captured share of ``||W_geo||_F^2`` (mean and minimum over experts) and the mean ``singular_spread``
+    (:func:`decomposition_report`). Raises ``ValueError`` for a tensor that is not 3-D, a rank above
+    ``min(out, in)`` or a bad ``rho`` / ``priors`` / ``scale_divisor``.
     """
     if weights.dim() != 3:
         raise ValueError(f"geora_decompose_experts takes (experts, out, in) weights, got shape {tuple(weights.shape)}")
