@@ -163,9 +163,8 @@ class GeoRALayer:
         self._move_adapter_to_device_of_base_layer(adapter_name)
 
     def _settings_key(self, adapter_name: str, config: GeoRAConfig) -> tuple:
-        settings = dict(config.init_settings, r=self.r[adapter_name])
-        if config.scale_convention == "pissa":
-            settings["scaling"] = self.scaling[adapter_name]
+        scale = config.scale_settings(self.scaling[adapter_name])
+        settings = dict(config.init_settings, r=self.r[adapter_name], **scale)
         return tuple(sorted(settings.items()))
 
     def _install_anchors(self, adapter_name: str, config: GeoRAConfig, target_name: str) -> None:

@@ -145,6 +145,13 @@ def test_second_adapter_reuses_the_decomposition(monkeypatch):
     assert calls == []
     peft_model.add_adapter("third", GeoRAConfig(r=4, rho=0.3))
     assert len(calls) == 14
+    # the paper's factors do not depend on the LoRA scaling, PiSSA's and the orthonormal ones' settings do
+    with decompositions_forbidden():
+        peft_model.add_adapter("other_alpha", GeoRAConfig(r=4, lora_alpha=16))
+    peft_model.add_adapter("pissa_a", GeoRAConfig(r=4, lora_alpha=16, scale_convention="pissa"))
+    peft_model.add_adapter("pissa_b", GeoRAConfig(r=4, lora_alpha=32, scale_convention="pissa"))
+    peft_model.add_adapter("orthonormal", GeoRAConfig(r=4, scale_convention="orthonormal"))
+    assert len(calls) == 14 * 4
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     assert torch.equal(layer.lora_A["second"].anchor, layer.lora_A["default"].anchor)
     peft_model.set_adapter("third")
