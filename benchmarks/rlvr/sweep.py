@@ -113,8 +113,9 @@ def plan(results: list[dict]) -> list[Run]:
             if index < len(LR_GRIDS[method]):
                 runs.append(Run("sweep", "addition", method, LR_GRIDS[method][index], SWEEP_SEED))
     chosen = {method: selected_lr(results, method) for method in METHODS}
-    if chosen["geora"] is not None and collapsed_lrs(results, "geora"):
-        for lr in sorted({chosen["geora"], *collapsed_lrs(results, "geora")}):
+    collapsed = collapsed_lrs(results, "geora")
+    if chosen["geora"] is not None and collapsed:
+        for lr in sorted({chosen["geora"], *collapsed}):
             runs.append(Run("scale", "addition", SCALE_METHOD, lr, SWEEP_SEED))
     for seed in FINAL_SEEDS:
         runs += [Run("final", "addition", m, lr, seed) for m, lr in chosen.items() if lr is not None]
@@ -203,18 +204,21 @@ def scale_table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for run in sorted((r for r in results if r["method"] == SCALE_METHOD), key=lambda r: r["learning_rate"]):
-        default = [
-            r
-            for r in results
-            if r["method"] == "geora" and r.get("phase") == "sweep" and r["learning_rate"] == run["learning_rate"]
-        ]
-        for label, r in (("sqrt(S) (default)", default[0] if default else None), ("orthonormal", run)):
+        default = next(
+            (
+                r
+                for r in results
+                if r["method"] == "geora" and r.get("phase") == "sweep" and r["learning_rate"] == run["learning_rate"]
+            ),
+            None,
+        )
+        for label, r in (("sqrt(S) (default)", default), ("orthonormal", run)):
             if r is None:
                 continue
             before, after = r["before"], r["after"]
             lines.append(
                 f"| {r['learning_rate']:g} | {label} | {before['validation']:.3f} → {after['validation']:.3f} "
-                f"| {r['after']['general_kl']:.4f} | {r['after']['retained_skill']:.2f} | "
+                f"| {after['general_kl']:.4f} | {after['retained_skill']:.2f} | "
                 f"{statistics.fmean(r['reward_curve'][-5:]):.2f} |"
             )
     return "\n".join(lines)
@@ -306,9 +310,9 @@ def report(out: Path) -> str:
     return "\n".join(text)
 
 
-def _pending(out: Path, phases: list[str] | None) -> list[Run]:
-    """The planned runs (of ``phases``, or all) that have no file under ``out`` yet, in running order."""
-    return [r for r in plan(load_runs(out)) if not r.path(out).exists() and (not phases or r.phase in phases)]
+def _pending(planned: list[Run], out: Path, phases: list[str] | None) -> list[Run]:
+    """The ``planned`` runs (of ``phases``, or all) that have no file under ``out`` yet, in running order."""
+    return [r for r in planned if not r.path(out).exists() and (not phases or r.phase in phases)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,12 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         print(report(out))
         return 0
-    done_runs = load_runs(out)
     if args.command == "plan":
-        pending = _pending(out, args.phase)
+        done_runs = load_runs(out)
+        planned = plan(done_runs)
+        pending = _pending(planned, out, args.phase)
         walls = [r["wall_seconds"] for r in done_runs if "wall_seconds" in r]
         per_run = statistics.median(walls) if walls else math.nan
-        for r in plan(done_runs):
+        for r in planned:
             print(
                 f"{'done   ' if r.path(out).exists() else 'pending'}  {r.phase:8s} {r.task:10s} "
                 f"{r.method:18s} lr {r.learning_rate:<7g} seed {r.seed}"
@@ -348,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     done = 0
     while args.max_runs is None or done < args.max_runs:
-        pending = _pending(out, args.phase)  # planned again after every run: a finished grid adds later phases
+        # planned again after every run: a finished grid adds later phases
+        pending = _pending(plan(load_runs(out)), out, args.phase)
         if not pending:
             break
         run, start = pending[0], time.perf_counter()
