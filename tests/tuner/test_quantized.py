@@ -221,6 +221,22 @@ def test_save_and_reload_onto_a_fresh_quantized_base_is_bit_identical(float_dir,
         PeftModel.from_pretrained(load(other, kind), tmp_path / "adapter")
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize(
+    ("convention", "scale"), [("pissa", {"scale_divisor": 2.0}), ("orthonormal", {"uniform_scale": True})]
+)
+def test_every_scale_convention_decomposes_the_dequantized_weight_exactly(float_dir, kind, convention, scale):
+    model = load(float_dir, kind)
+    inputs = tiny_inputs()
+    base = logits(model, inputs)
+    config = GeoRAConfig(r=4, lora_alpha=8, scale_convention=convention)
+    peft_model = get_peft_model(model, config)
+    assert torch.equal(logits(peft_model, inputs), base)
+    layer = peft_model.base_model.model.model.layers[1].mlp.down_proj
+    a0, b0 = geora_init_factors(dequantized_weight(layer.get_base_layer()), r=4, **scale)
+    assert torch.equal(layer.lora_A["default"].anchor, a0) and torch.equal(layer.lora_B["default"].anchor, b0)
+
+
 @pytest.mark.parametrize("kind", ["nf4", "nf4-dq", "int8"])
 def test_merge_adds_the_anchored_delta_through_peft_requantization(float_dir, kind):
     """PEFT merges into a bitsandbytes layer by dequantizing (in the stored dtype), adding the delta and
