@@ -93,9 +93,27 @@ def split(tasks: tuple[str, ...], n_train: int, n_test: int, seed: int) -> tuple
 
     Training problems may repeat (the space of 1-digit additions holds only 100).
     """
-    test = make_problems(tasks, n_test, seed=seed + 10_000)
-    train = make_problems(tasks, n_train, seed=seed, exclude={(p.task, p.a, p.b) for p in test}, distinct=False)
+    train, _, test = split_with_validation(tasks, n_train, 0, n_test, seed)
     return train, test
+
+
+def split_with_validation(
+    tasks: tuple[str, ...], n_train: int, n_validation: int, n_test: int, seed: int
+) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """``(train, validation, test)``: distinct validation and test sets, disjoint from each other, and a training set
+    of the same task mix that contains neither (training problems may repeat).
+
+    The test set depends on ``seed`` alone, not on ``n_validation``: a validation split leaves the test set unchanged.
+
+    Raises:
+        ValueError: an unknown task, or a space too small for the distinct sets asked for.
+    """
+    test = make_problems(tasks, n_test, seed=seed + 10_000)
+    held_out = {(p.task, p.a, p.b) for p in test}
+    validation = make_problems(tasks, n_validation, seed=seed + 20_000, exclude=held_out)
+    held_out |= {(p.task, p.a, p.b) for p in validation}
+    train = make_problems(tasks, n_train, seed=seed, exclude=held_out, distinct=False)
+    return train, validation, test
 
 
 def completion_text(completion: Any) -> str:

@@ -35,7 +35,7 @@ from peft_geora_apps.tasks import (  # noqa: E402
     greedy_accuracy,
     greedy_replies,
     make_problems,
-    split,
+    split_with_validation,
     to_dataset,
 )
 
@@ -127,14 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_default_model(args.model, device=args.device)
     mix, ood = TASK_SETS[args.task]
-    train, test = split(mix, args.steps * args.prompts_per_step, args.eval_size, seed=args.seed)
+    n_train = args.steps * args.prompts_per_step
+    train, validation, test = split_with_validation(mix, n_train, args.val_size, args.eval_size, seed=args.seed)
     sets = {"in_domain": test}
-    if args.val_size:  # drawn apart from the test set; the training prompts avoid both
-        held_out = {(p.task, p.a, p.b) for p in test}
-        validation = make_problems(mix, args.val_size, seed=args.seed + 20_000, exclude=held_out)
-        held_out |= {(p.task, p.a, p.b) for p in validation}
-        n_train = args.steps * args.prompts_per_step
-        train = make_problems(mix, n_train, seed=args.seed, exclude=held_out, distinct=False)
+    if validation:
         sets["validation"] = validation
     sets.update({name: make_problems(tasks, args.eval_size, seed=99) for name, tasks in ood.items()})
     kl_batch = continuation_batch(model, tokenizer, GENERAL_PROMPTS)

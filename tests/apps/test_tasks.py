@@ -14,6 +14,7 @@ from peft_geora_apps.tasks import (
     last_number,
     make_problems,
     split,
+    split_with_validation,
     to_dataset,
 )
 
@@ -36,6 +37,16 @@ def test_train_and_test_split_are_disjoint():
     assert len(train) == 400 and len(test) == 64 and len(set(test)) == 64
     assert not set(train) & set(test)
     assert len(set(train)) < 400  # training prompts may repeat: only 100 one-digit additions exist
+
+
+def test_a_validation_split_is_disjoint_and_leaves_the_test_set_and_the_plain_split_unchanged():
+    tasks = ("add_1x1", "add_2x1")
+    train, validation, test = split_with_validation(tasks, 400, 32, 64, seed=3)
+    assert len(validation) == 32 and len(set(validation)) == 32
+    assert not set(validation) & set(test) and not set(train) & (set(validation) | set(test))
+    plain_train, plain_test = split(tasks, 400, 64, seed=3)
+    assert test == plain_test and set(plain_train) & set(validation)  # only the training draw avoids the validation
+    assert split_with_validation(tasks, 400, 0, 64, seed=3) == (plain_train, [], plain_test)
 
 
 def test_generator_refuses_impossible_requests():
