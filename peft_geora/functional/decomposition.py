@@ -263,7 +263,7 @@ def geora_decompose_experts(
         "overlap_fraction": float((spectral & euclidean).float().mean()),
         "captured_energy": float(captured.mean()),
         "captured_energy_min": float(captured.min()),
-        "singular_spread": sum(_spread(row) for row in s) / experts,
+        "singular_spread": _spread(s),
     }
     return factors, report
 
@@ -291,6 +291,8 @@ def decomposition_report(dec: GeoRADecomposition) -> dict[str, float]:
 
 
 def _spread(singular_values: torch.Tensor) -> float:
-    """``max(S) / mean(S)`` of the selected singular values (1.0 for an all-zero spectrum)."""
-    mean = float(singular_values.mean())
-    return float(singular_values.max()) / mean if mean > 0 else 1.0
+    """``max(S) / mean(S)`` of the selected singular values (1.0 for an all-zero spectrum); for a batch (..., r), one
+    per spectrum, averaged."""
+    mean = singular_values.mean(dim=-1)
+    ratio = singular_values.amax(dim=-1) / mean.clamp_min(torch.finfo(mean.dtype).tiny)
+    return float(torch.where(mean > 0, ratio, torch.ones_like(ratio)).mean())
